@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (every test).
+# Each creates the virtual environment .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# every distribution in the repository, installed editable; the test plugin package too
+PACKAGES := . $(dir $(wildcard backends/*/pyproject.toml)) compressors optimizers tests/plugins
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard backends/*/pyproject.toml) compressors/pyproject.toml optimizers/pyproject.toml tests/plugins/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p))
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/train_digits.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvframe backends compressors optimizers tests benchmarks examples
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV)

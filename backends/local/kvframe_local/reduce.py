@@ -1,0 +1,124 @@
+"""Summing and copying arrays on the CPU, split over a thread pool for large arrays.
+
+numpy releases the GIL inside ufuncs, so threads share the memory bandwidth.  Each thread walks
+its contiguous range in cache-sized blocks so that summing N inputs reads each input once and
+writes the output once, with the partial sums kept in cache.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+
+from kvframe.arrays import RowSparseArray, array_module
+
+BLOCK = 1 << 15  # elements per cache block (128 KiB of float32)
+
+
+class Reducer:
+    def __init__(self, threads: int | None = None, bigarray_bound: int = 1_000_000):
+        self.threads = max(1, threads or min(4, os.cpu_count() or 1))
+        self.bigarray_bound = bigarray_bound
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvframe-reduce") if self.threads > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def _split(self, n: int) -> list[tuple[int, int]]:
+        parts = self.threads
+        bounds = [n * i // parts for i in range(parts + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+    def _parallel(self, fn, n: int) -> None:
+        if self._pool is None or n < self.bigarray_bound:
+            fn(0, n)
+            return
+        ranges = self._split(n)
+        futures = [self._pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
+        fn(*ranges[0])
+        for f in futures:
+            f.result()
+
+    def sum_into(self, out: Any, values: Sequence[Any]) -> Any:
+        """out = sum(values), dense arrays of one shape and dtype. ``out`` may be one of ``values``
+        only as ``values[0]``."""
+        if len(values) == 1:
+            return self.copy_into(out, values[0])
+        if array_module(out) is not np or not all(v.flags.c_contiguous for v in values) or not out.flags.c_contiguous:
+            xp = array_module(out)
+            xp.add(values[0], values[1], out=out)
+            for v in values[2:]:
+                xp.add(out, v, out=out)
+            return out
+        flat_out = out.reshape(-1)
+        flats = [v.reshape(-1) for v in values]
+
+        def work(lo: int, hi: int) -> None:
+            for s in range(lo, hi, BLOCK):
+                e = min(s + BLOCK, hi)
+                o = flat_out[s:e]
+                np.add(flats[0][s:e], flats[1][s:e], out=o)
+                for f in flats[2:]:
+                    np.add(o, f[s:e], out=o)
+
+        self._parallel(work, flat_out.size)
+        return out
+
+    def add_into(self, out: Any, values: Sequence[Any]) -> Any:
+        """out += sum(values)."""
+        if array_module(out) is not np or not out.flags.c_contiguous or not all(v.flags.c_contiguous for v in values):
+            for v in values:
+                out += v
+            return out
+        flat_out = out.reshape(-1)
+        flats = [v.reshape(-1) for v in values]
+
+        def work(lo: int, hi: int) -> None:
+            for s in range(lo, hi, BLOCK):
+                e = min(s + BLOCK, hi)
+                o = flat_out[s:e]
+                for f in flats:
+                    np.add(o, f[s:e], out=o)
+
+        self._parallel(work, flat_out.size)
+        return out
+
+    def copy_into(self, out: Any, value: Any) -> Any:
+        if out is value:
+            return out
+        if array_module(out) is not np or array_module(value) is not np or out.size < self.bigarray_bound \
+                or not (out.flags.c_contiguous and value.flags.c_contiguous):
+            xp = array_module(out)
+            if xp is np and array_module(value) is not np:
+                out[...] = value.get()
+            else:
+                xp.copyto(out, value) if array_module(value) is xp else out.set(value)
+            return out
+        flat_out, flat_in = out.reshape(-1), value.reshape(-1)
+        self._parallel(lambda lo, hi: np.copyto(flat_out[lo:hi], flat_in[lo:hi]), flat_out.size)
+        return out
+
+
+def sum_row_sparse(values: Sequence[RowSparseArray]) -> RowSparseArray:
+    """The sum of row-sparse arrays: the union of their rows."""
+    if len(values) == 1:
+        return values[0]
+    xp = array_module(values[0].data)
+    idx = xp.concatenate([v.indices for v in values])
+    data = xp.concatenate([v.data for v in values])
+    return RowSparseArray.from_rows(data, idx, values[0].shape)
+
+
+def merge(reducer: Reducer, values: Sequence[Any], buffer: Any | None) -> Any:
+    """Sum per-device values into one: dense into ``buffer`` (allocated when None), all-sparse into a
+    RowSparseArray; a mix is densified."""
+    if all(isinstance(v, RowSparseArray) for v in values):
+        return sum_row_sparse(values)
+    dense = [v.todense() if isinstance(v, RowSparseArray) else v for v in values]
+    if buffer is None:
+        buffer = array_module(dense[0]).empty(dense[0].shape, dense[0].dtype)
+    return reducer.sum_into(buffer, dense)

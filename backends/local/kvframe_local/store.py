@@ -1,0 +1,136 @@
+"""Store 'local': values live in host memory; pushes are summed on the CPU and the updater runs there."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from kvframe.arrays import RowSparseArray, array_module
+from kvframe.config import StoreConfig
+from kvframe.errors import NotSupportedError
+from kvframe.store import COMPLETED, Handle, StoreBackend
+from kvframe_local.reduce import Reducer, merge
+
+
+class LocalConfig(StoreConfig):
+    type: Literal["local"] = "local"
+    reduce_threads: int | None = Field(None, ge=1, le=256, description="threads summing large arrays (default: "
+                                                                        "min(4, CPUs))")
+    bigarray_bound: int = Field(1_000_000, ge=1, description="arrays of at least this many elements are "
+                                                             "reduced over the thread pool")
+
+
+def group_by_key(keys: list, values: list[list]) -> dict:
+    """A key repeated in one call has its values summed: gather them per key, in order."""
+    grouped: dict = {}
+    for k, vals in zip(keys, values):
+        grouped.setdefault(k, []).extend(vals)
+    return grouped
+
+
+def unique_rows(row_ids: Any) -> Any:
+    xp = array_module(row_ids)
+    return xp.unique(xp.asarray(row_ids).astype(np.int64, copy=False))
+
+
+class LocalStore(StoreBackend):
+    capabilities = frozenset({"optimizer", "row_sparse"})
+
+    def __init__(self, config: LocalConfig):
+        super().__init__(config)
+        self._reducer = Reducer(config.reduce_threads, config.bigarray_bound)
+        self._data: dict = {}
+        self._merge_buf: dict = {}
+        self._updater: Any = None
+
+    # where a key's value lives; the device store overrides these
+    def _place(self, key: Any, value: Any) -> Any:
+        arr = value.todense() if isinstance(value, RowSparseArray) else value
+        return np.array(arr.get() if array_module(arr) is not np else arr, copy=True, order="C")
+
+    def init(self, keys: list, values: list) -> None:
+        for k, v in zip(keys, values):
+            self._data[k] = self._place(k, v)
+
+    def _merged(self, key: Any, vals: list) -> Any:
+        """The sum of a key's pushed values, in a reused buffer beside the stored value."""
+        stored = self._data[key]
+        if len(vals) == 1:
+            v = vals[0]
+            if isinstance(v, RowSparseArray) or array_module(v) is array_module(stored):
+                return v
+        buf = self._merge_buf.get(key)
+        if buf is None and not all(isinstance(v, RowSparseArray) for v in vals):
+            buf = self._merge_buf[key] = np.empty_like(stored)
+        moved = [v if isinstance(v, RowSparseArray) or array_module(v) is np else v.get() for v in vals]
+        return merge(self._reducer, moved, buf)
+
+    def _apply(self, key: Any, merged: Any) -> None:
+        stored = self._data[key]
+        if self._updater is not None:
+            self._updater(key, merged, stored)
+        elif isinstance(merged, RowSparseArray):
+            stored[...] = 0
+            stored[merged.indices] = merged.data
+        else:
+            self._reducer.copy_into(stored, merged)
+
+    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+        for k, vals in group_by_key(keys, values).items():
+            stored = self._data[k]
+            if self._updater is None and all(not isinstance(v, RowSparseArray) for v in vals) \
+                    and all(array_module(v) is np for v in vals):
+                self._reducer.sum_into(stored, vals)  # assign the sum straight into the store
+            else:
+                self._apply(k, self._merged(k, vals))
+
+    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+        for k, os_ in zip(keys, outs):
+            stored = self._data[k]
+            for o in os_:
+                if isinstance(o, RowSparseArray):  # ignore_sparse=False: every row
+                    o.data, o.indices = stored.copy(), np.arange(stored.shape[0], dtype=np.int64)
+                else:
+                    self._reducer.copy_into(o, stored)
+        return COMPLETED
+
+    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        # every reduction finishes before any output is written: outs may alias the inputs
+        self.push(keys, values, priority)
+        return self.pull(keys, outs, priority)
+
+    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+        for k, os_, ids in zip(keys, outs, row_ids):
+            stored = self._data[k]
+            cache: dict[int, tuple] = {}
+            for o, r in zip(os_, ids):
+                got = cache.get(id(r))
+                if got is None:
+                    rows = unique_rows(r)
+                    got = cache[id(r)] = (rows, stored[rows])
+                rows, data = got
+                o.data = data.copy() if len(os_) > 1 else data
+                o.indices = rows.copy() if len(os_) > 1 else rows
+        return COMPLETED
+
+    def set_updater(self, updater: Any) -> None:
+        self._updater = updater
+
+    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
+        if self._updater is None or not hasattr(self._updater, "get_states"):
+            raise NotSupportedError("there are no optimizer states to save: call set_optimizer first")
+        return self._updater.get_states(dump_optimizer)
+
+    def set_optimizer_states(self, data: bytes) -> None:
+        if self._updater is None or not hasattr(self._updater, "set_states"):
+            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
+        self._updater.set_states(data)
+
+    def set_gradient_compression(self, compressor: Any) -> None:
+        raise NotSupportedError("gradient compression is not supported by store 'local' (as in MXNet): use "
+                                "store 'device' or a dist store")
+
+    def close(self) -> None:
+        self._reducer.close()

@@ -1,0 +1,1 @@
+"""kvframe plugin: gradient compressors."""

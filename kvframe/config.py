@@ -1,0 +1,80 @@
+"""Validated configs. Every store, compressor, optimizer and transport has a pydantic model.
+
+A plugin's model subclasses one of the bases below and pins ``type`` to a ``Literal`` of its
+registered name.  Validation picks the model by ``type`` from the installed plugins, so a
+third-party compressor or optimizer validates exactly like a built-in one, before anything
+reaches a backend or the network.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from kvframe.errors import ConfigError
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin config: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+    type: str
+
+
+class StoreConfig(PluginConfig):
+    """Options of a store type (``kvframe.create(name, **options)``)."""
+
+
+class CompressionConfig(PluginConfig):
+    """Options of a gradient compressor (``set_gradient_compression``)."""
+
+
+class OptimizerConfig(PluginConfig):
+    """Options of an optimizer (``set_optimizer``)."""
+
+
+class TransportConfig(PluginConfig):
+    """Options of a network transport."""
+
+
+def format_validation_error(err: pydantic.ValidationError, what: str, source: str | None = None) -> str:
+    """One line per problem: the field path, the reason and the value that came."""
+    where = f" in {source}" if source else ""
+    lines = [f"invalid {what}{where}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
+        got = e.get("input")
+        shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
+        lines.append(f"  {path}: {e.get('msg')}{shown}")
+    return "\n".join(lines)
+
+
+def validate_plugin_config(kind: str, data: Any, what: str, source: str | None = None, **extra: Any) -> PluginConfig:
+    """Turn a dict (with ``type``), a name, or a config model into a validated model of ``kind``.
+
+    ``kind`` is a registry kind: 'stores', 'compressors', 'optimizers' or 'transports'.
+    """
+    from kvframe import plugins
+
+    if isinstance(data, PluginConfig):
+        if extra:
+            data = data.model_copy(update=extra)
+            data = type(data).model_validate(data.model_dump())
+        plugins.lookup(kind, data.type)  # the plugin must be installed
+        return data
+    if isinstance(data, str):
+        data = {"type": data, **extra}
+    elif isinstance(data, Mapping):
+        data = {**data, **extra}
+    else:
+        raise ConfigError(f"{what} must be a dict with a 'type', a name or a config model; got {type(data).__name__}")
+    if "type" not in data or not isinstance(data["type"], str):
+        raise ConfigError(f"invalid {what}: field 'type' is required and must be a string naming one of {plugins.names(kind)}")
+    reg = plugins.lookup(kind, data["type"].lower() if kind != "transports" else data["type"])
+    data = {**data, "type": reg.name}
+    try:
+        return reg.config_model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, what, source)) from None

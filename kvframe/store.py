@@ -1,0 +1,502 @@
+"""The ``KVStore`` front every user calls, and ``StoreBackend``, what a store plugin implements.
+
+The front checks and normalises every argument once, so every store type behaves the same and
+refuses bad input before anything changes: keys become a list, values a list (one per key) of
+lists (one array per device).  A backend only sees normalised, checked lists.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+from kvframe.arrays import RowSparseArray, as_native, describe
+from kvframe.errors import (
+    DTypeMismatchError,
+    DuplicateInitError,
+    KeyNotInitializedError,
+    KVTimeoutError,
+    MixedKeyTypesError,
+    NotSupportedError,
+    ShapeMismatchError,
+)
+
+DEFAULT_TIMEOUT = float(os.environ.get("KVFRAME_TIMEOUT", "120"))
+
+# MXNet's historical names for store types, so existing scripts keep working.
+STORE_ALIASES = {
+    "local_allreduce_cpu": "local",
+    "local_update_cpu": "local",
+    "local_allreduce_device": "device",
+    "dist": "dist_sync",
+    "dist_sync_device": "dist_device_sync",
+}
+
+
+class Handle:
+    """The result of a non-blocking operation: ``wait()`` returns once it is done."""
+
+    def wait(self, timeout: float | None = None) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def done(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class CompletedHandle(Handle):
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+
+COMPLETED = CompletedHandle()
+
+
+class FutureHandle(Handle):
+    """Wraps a ``concurrent.futures.Future``; ``what`` names it in a timeout error."""
+
+    def __init__(self, future: Any, what: str):
+        self._future = future
+        self._what = what
+
+    def wait(self, timeout: float | None = None) -> None:
+        import concurrent.futures
+
+        try:
+            self._future.result(timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            raise KVTimeoutError(f"timed out after {timeout or DEFAULT_TIMEOUT:g} s waiting for {self._what}") from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stype: str  # 'default' or 'row_sparse'
+
+
+class StoreBackend:
+    """Base of every store type. Methods get normalised lists; override what the store supports.
+
+    ``keys``: list of int or str.  ``values``: list (per key) of lists (per device) of arrays
+    (numpy, cupy or :class:`RowSparseArray`).  ``outs``: the same shape of lists.
+    """
+
+    capabilities: frozenset[str] = frozenset({"optimizer"})
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # identity -------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    # data -----------------------------------------------------------------------------------
+    def init(self, keys: list, values: list) -> None:
+        """Store a copy of ``values[i]`` (one array) under ``keys[i]``."""
+        raise NotImplementedError
+
+    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+        raise NotImplementedError
+
+    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+        raise NotImplementedError
+
+    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        self.push(keys, values, priority)
+        return self.pull(keys, outs, priority)
+
+    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        self.init(keys, [v[0] for v in values])
+        return self.pull(keys, outs, priority)
+
+    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+        raise NotSupportedError(f"store {type(self).__name__} does not support row_sparse_pull")
+
+    # updates --------------------------------------------------------------------------------
+    def set_updater(self, updater: Any) -> None:
+        raise NotSupportedError(f"store {type(self).__name__} does not run updaters")
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        self.set_updater(optimizer.create_updater())
+
+    def set_gradient_compression(self, compressor: Any) -> None:
+        raise NotSupportedError(f"store {type(self).__name__} does not support gradient compression")
+
+    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
+        raise NotSupportedError(f"store {type(self).__name__} keeps no optimizer states")
+
+    def set_optimizer_states(self, data: bytes) -> None:
+        raise NotSupportedError(f"store {type(self).__name__} keeps no optimizer states")
+
+    # control --------------------------------------------------------------------------------
+    def barrier(self, timeout: float | None = None) -> None:
+        """Single-process stores have nothing to wait for."""
+
+    def send_command_to_servers(self, head: int, body: str) -> None:
+        raise NotSupportedError(f"store {type(self).__name__} has no servers")
+
+    def close(self) -> None:
+        pass
+
+
+def _check_key(key: Any) -> int | str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+        return int(key)
+    raise TypeError(f"a key must be an int or a str; got {key!r} of type {type(key).__name__}")
+
+
+class KVStore:
+    """A key-value store for data-parallel training, with Apache MXNet's KVStore API."""
+
+    def __init__(self, backend: StoreBackend, type_name: str):
+        self._backend = backend
+        self._type = type_name
+        self._meta: dict[Hashable, KeyMeta] = {}
+        self._key_type: type | None = None
+        self._optimizer: Any = None
+        self._compression: Any = None
+
+    # identity -------------------------------------------------------------------------------
+    @property
+    def type(self) -> str:
+        return self._type
+
+    @property
+    def rank(self) -> int:
+        return self._backend.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self._backend.num_workers
+
+    @property
+    def backend(self) -> StoreBackend:
+        return self._backend
+
+    OPTIMIZER = "optimizer"
+
+    def is_capable(self, capability: str) -> bool:
+        """Whether this store can do ``capability`` ('optimizer' is the only one MXNet knew)."""
+        known = {"optimizer", "compression", "row_sparse"}
+        if capability.lower() not in known:
+            raise ValueError(f"unknown capability {capability!r}; known: {sorted(known)}")
+        return capability.lower() in self._backend.capabilities
+
+    def keys(self) -> list:
+        """The initialised keys, in init order."""
+        return list(self._meta)
+
+    # normalisation --------------------------------------------------------------------------
+    def _keys(self, key: Any) -> tuple[list, bool]:
+        if isinstance(key, (list, tuple)):
+            if not key:
+                raise ValueError("the key list is empty; give at least one key")
+            keys = [_check_key(k) for k in key]
+            single = False
+        else:
+            keys = [_check_key(key)]
+            single = True
+        kinds = {type(k) for k in keys}
+        if len(kinds) > 1 or (self._key_type is not None and kinds != {self._key_type}):
+            have = f"this store uses {self._key_type.__name__} keys" if self._key_type else "one list"
+            raise MixedKeyTypesError(f"mixed key types are not allowed: {have}, got keys {keys!r}")
+        return keys, single
+
+    @staticmethod
+    def _array(x: Any, key: Any, what: str) -> Any:
+        arr = as_native(x)
+        if arr is None:
+            raise TypeError(f"key {key!r}: {what} must be an array (numpy, cupy, kvframe.RowSparseArray or "
+                            f"anything with __dlpack__); got {type(x).__name__}")
+        return arr
+
+    def _per_key(self, keys: list, single: bool, value: Any, what: str) -> list[list]:
+        if single:
+            return [self._devices(value, keys[0], what)]
+        if not isinstance(value, (list, tuple)) or len(value) != len(keys):
+            n = len(value) if isinstance(value, (list, tuple)) else f"one {type(value).__name__}"
+            raise ValueError(f"{len(keys)} keys {keys!r} need {len(keys)} {what}s (one per key, each an array "
+                             f"or a list of per-device arrays); got {n}")
+        return [self._devices(v, k, what) for k, v in zip(keys, value)]
+
+    def _devices(self, value: Any, key: Any, what: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"key {key!r}: the list of {what}s is empty")
+            return [self._array(v, key, what) for v in value]
+        return [self._array(value, key, what)]
+
+    def _meta_of(self, key: Any) -> KeyMeta:
+        meta = self._meta.get(key)
+        if meta is None:
+            raise KeyNotInitializedError(f"key {key!r} has not been initialised; call init({key!r}, value) first")
+        return meta
+
+    def _check_values(self, keys: list, values: list[list], what: str, dense_only: bool = False) -> None:
+        for k, vals in zip(keys, values):
+            meta = self._meta_of(k)
+            for i, v in enumerate(vals):
+                where = f"key {k!r}: {what}" + (f" {i}" if len(vals) > 1 else "")
+                if dense_only and isinstance(v, RowSparseArray):
+                    raise TypeError(f"{where} is a RowSparseArray; expected a dense array here")
+                if tuple(v.shape) != meta.shape:
+                    raise ShapeMismatchError(f"{where} has shape {tuple(v.shape)}, but the key was initialised "
+                                             f"with shape {meta.shape}")
+                if v.dtype != meta.dtype:
+                    raise DTypeMismatchError(f"{where} has dtype {v.dtype}, but the key was initialised with "
+                                             f"dtype {meta.dtype}")
+
+    # data -----------------------------------------------------------------------------------
+    def init(self, key: Any, value: Any) -> None:
+        """Initialise one key or a list of keys. In distributed stores rank 0's value wins."""
+        keys, single = self._keys(key)
+        values = self._per_key(keys, single, value, "value")
+        seen: set = set()
+        for k, vals in zip(keys, values):
+            if k in self._meta or k in seen:
+                raise DuplicateInitError(f"duplicate init of key {k!r}")
+            if len(vals) != 1:
+                raise ValueError(f"key {k!r}: init takes one array per key, got {len(vals)}")
+            seen.add(k)
+        self._backend.init(keys, [v[0] for v in values])
+        self._remember(keys, values)
+
+    def _remember(self, keys: list, values: list[list]) -> None:
+        for k, vals in zip(keys, values):
+            v = vals[0]
+            stype = "row_sparse" if isinstance(v, RowSparseArray) else "default"
+            self._meta[k] = KeyMeta(tuple(v.shape), np.dtype(v.dtype), stype)
+        if self._key_type is None:
+            self._key_type = type(keys[0])
+
+    def push(self, key: Any, value: Any, priority: int = 0) -> None:
+        """Push values (a list per key is summed). Returns once the inputs may be reused."""
+        keys, single = self._keys(key)
+        values = self._per_key(keys, single, value, "value")
+        self._check_values(keys, values, "pushed value")
+        self._backend.push(keys, values, priority)
+
+    def _outs(self, key: Any, out: Any, what: str = "out") -> tuple[list, list[list]]:
+        if out is None:
+            raise ValueError("out is required: give the array(s) to write the pulled values into")
+        keys, single = self._keys(key)
+        outs = self._per_key(keys, single, out, what)
+        return keys, outs
+
+    def pull(self, key: Any, out: Any = None, priority: int = 0, ignore_sparse: bool = True,
+             wait: bool = True) -> Handle:
+        """Write each key's value into ``out``. With ``wait=False`` returns a handle to wait on."""
+        keys, outs = self._outs(key, out)
+        dense_keys, dense_outs = [], []
+        for k, os_ in zip(keys, outs):
+            meta = self._meta_of(k)
+            keep = []
+            for o in os_:
+                if isinstance(o, RowSparseArray):
+                    if ignore_sparse:
+                        warnings.warn(f"key {k!r}: pull() skips RowSparseArray outputs; use row_sparse_pull, or "
+                                      "pass ignore_sparse=False to pull every row", stacklevel=2)
+                        continue
+                    if o.shape != meta.shape:
+                        raise ShapeMismatchError(f"key {k!r}: out has shape {o.shape}, expected {meta.shape}")
+                keep.append(o)
+            if keep:
+                dense_keys.append(k)
+                dense_outs.append(keep)
+        self._check_values(dense_keys, [[o for o in os_ if not isinstance(o, RowSparseArray)] for os_ in dense_outs],
+                           "out")
+        if not dense_keys:
+            return COMPLETED
+        handle = self._backend.pull(dense_keys, dense_outs, priority, ignore_sparse)
+        if wait:
+            handle.wait()
+        return handle
+
+    def pushpull(self, key: Any, value: Any, out: Any = None, priority: int = 0, wait: bool = True) -> Handle:
+        """Push then pull in one step; ``out=None`` writes the result back into ``value``.
+        With a key list every reduction finishes before any output is written."""
+        keys, single = self._keys(key)
+        values = self._per_key(keys, single, value, "value")
+        self._check_values(keys, values, "pushed value")
+        if out is None:
+            outs = values
+            self._check_values(keys, outs, "value (written in place)", dense_only=True)
+        else:
+            _, outs = self._outs(key, out)
+            self._check_values(keys, outs, "out", dense_only=True)
+        handle = self._backend.pushpull(keys, values, outs, priority)
+        if wait:
+            handle.wait()
+        return handle
+
+    def broadcast(self, key: Any, value: Any, out: Any, priority: int = 0) -> None:
+        """Initialise keys with ``value`` (rank 0's, in distributed stores) and pull into ``out``."""
+        keys, single = self._keys(key)
+        values = self._per_key(keys, single, value, "value")
+        _, outs = self._outs(key, out)
+        seen: set = set()
+        for k, vals, os_ in zip(keys, values, outs):
+            if k in self._meta or k in seen:
+                raise DuplicateInitError(f"duplicate init of key {k!r} (broadcast initialises the key)")
+            seen.add(k)
+            for o in os_:
+                if tuple(o.shape) != tuple(vals[0].shape) or o.dtype != vals[0].dtype:
+                    raise ShapeMismatchError(f"key {k!r}: out is {describe(o)}, but the value is {describe(vals[0])}")
+        self._backend.broadcast(keys, values, outs, priority).wait()
+        self._remember(keys, values)
+
+    def row_sparse_pull(self, key: Any, out: Any = None, priority: int = 0, row_ids: Any = None) -> None:
+        """Pull only the rows in ``row_ids`` into RowSparseArray outputs (one id array per output,
+        or one shared by all outputs of a key)."""
+        if row_ids is None:
+            raise ValueError("row_sparse_pull needs row_ids")
+        keys, single = self._keys(key)
+        outs = self._per_key(keys, single, out, "out")
+        if single:
+            ids = [row_ids if isinstance(row_ids, (list, tuple)) else [row_ids]]
+        else:
+            if not isinstance(row_ids, (list, tuple)) or len(row_ids) != len(keys):
+                raise ValueError(f"{len(keys)} keys need {len(keys)} row_ids entries; got "
+                                 f"{len(row_ids) if isinstance(row_ids, (list, tuple)) else 'one array'}")
+            ids = [r if isinstance(r, (list, tuple)) else [r] for r in row_ids]
+        norm_ids = []
+        for k, os_, rs in zip(keys, outs, ids):
+            meta = self._meta_of(k)
+            if len(rs) == 1 and len(os_) > 1:
+                rs = list(rs) * len(os_)
+            if len(rs) != len(os_):
+                raise ValueError(f"key {k!r}: {len(os_)} outputs need 1 or {len(os_)} row_ids arrays; got {len(rs)}")
+            for o in os_:
+                if not isinstance(o, RowSparseArray):
+                    raise TypeError(f"key {k!r}: row_sparse_pull writes into kvframe.RowSparseArray outputs; got "
+                                    f"{describe(o)}")
+                if o.shape != meta.shape:
+                    raise ShapeMismatchError(f"key {k!r}: out has shape {o.shape}, expected {meta.shape}")
+            checked = []
+            for r in rs:
+                r = as_native(r)
+                if r is None or r.ndim != 1:
+                    raise ValueError(f"key {k!r}: row_ids must be 1-D arrays of row numbers")
+                if r.size and (int(r.min()) < 0 or int(r.max()) >= meta.shape[0]):
+                    raise IndexError(f"key {k!r}: row_ids must lie in [0, {meta.shape[0]}); got "
+                                     f"{int(r.min())}..{int(r.max())}")
+                checked.append(r)
+            norm_ids.append(checked)
+        self._backend.row_sparse_pull(keys, outs, norm_ids, priority).wait()
+
+    # updates --------------------------------------------------------------------------------
+    def set_updater(self, updater: Any) -> None:
+        """Run ``updater(key, merged_gradient, stored_weight)`` on each push instead of assigning."""
+        if not callable(updater):
+            raise TypeError(f"an updater must be callable as updater(key, grad, weight); got {type(updater).__name__}")
+        self._backend.set_updater(updater)
+
+    _set_updater = set_updater
+
+    def set_optimizer(self, optimizer: Any, **options: Any) -> None:
+        """Set the optimizer: an optimizer object, a config model, a dict with 'type', or a name with
+        keyword options. The config is validated before anything is applied."""
+        from kvframe import plugins
+        from kvframe.config import validate_plugin_config
+        from kvframe.protocols import Optimizer
+
+        if isinstance(optimizer, Optimizer) and not isinstance(optimizer, (str, dict)) and hasattr(optimizer, "config"):
+            if options:
+                raise TypeError("keyword options go with an optimizer name or config, not an optimizer object")
+            opt = optimizer
+        else:
+            config = validate_plugin_config("optimizers", optimizer, "optimizer config", **options)
+            opt = plugins.create("optimizers", config)
+        self._backend.set_optimizer(opt)
+        self._optimizer = opt
+
+    @property
+    def optimizer(self) -> Any:
+        return self._optimizer
+
+    def set_gradient_compression(self, compression_params: Any, **options: Any) -> None:
+        """Compress pushed gradients, e.g. ``{'type': '2bit', 'threshold': 0.5}``."""
+        from kvframe import plugins
+        from kvframe.config import validate_plugin_config
+
+        config = validate_plugin_config("compressors", compression_params, "gradient compression config", **options)
+        self._backend.set_gradient_compression(plugins.create("compressors", config))
+        self._compression = config
+
+    @property
+    def gradient_compression(self) -> Any:
+        return self._compression
+
+    def save_optimizer_states(self, fname: str | os.PathLike, dump_optimizer: bool = False) -> None:
+        """Write the optimizer states (arrays plus JSON, never pickle) to ``fname``."""
+        data = self._backend.get_optimizer_states(dump_optimizer)
+        Path(fname).write_bytes(data)
+
+    def load_optimizer_states(self, fname: str | os.PathLike) -> None:
+        self._backend.set_optimizer_states(Path(fname).read_bytes())
+
+    # control --------------------------------------------------------------------------------
+    def barrier(self, timeout: float | None = None) -> None:
+        """Wait until every worker reaches the barrier (no-op in single-process stores)."""
+        self._backend.barrier(timeout)
+
+    _barrier = barrier
+
+    def send_command_to_servers(self, head: int, body: str) -> None:
+        self._backend.send_command_to_servers(int(head), str(body))
+
+    _send_command_to_servers = send_command_to_servers
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KVStore(type={self._type!r}, rank={self.rank}, num_workers={self.num_workers}, keys={len(self._meta)})"
+
+
+def create(name: str = "local", **options: Any) -> KVStore:
+    """Create a store by name ('local', 'device', 'nccl', 'dist_sync', ... or a plugin's own),
+    with the store's options as keywords (validated by its config model)."""
+    from kvframe import plugins
+    from kvframe.config import validate_plugin_config
+
+    if not isinstance(name, str):
+        raise TypeError(f"the store name must be a str; got {type(name).__name__}")
+    requested = name
+    name = STORE_ALIASES.get(name.lower(), name.lower())
+    config = validate_plugin_config("stores", {"type": name, **options}, f"options of store {name!r}")
+    backend = plugins.create("stores", config)
+    return KVStore(backend, requested)
+
+
+def create_from_config(config: Any) -> KVStore:  # filled in by kvframe.configfile when present
+    from kvframe.configfile import create_from_config as _create
+
+    return _create(config)
+
+
+__all__: Sequence[str] = ["KVStore", "StoreBackend", "Handle", "create", "create_from_config", "KeyMeta"]

@@ -1,0 +1,1 @@
+"""kvframe plugin: optimizers, lr schedulers and the updater."""

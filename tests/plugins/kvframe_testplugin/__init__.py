@@ -1,0 +1,1 @@
+"""Third-party kvframe plugins used by the tests (one module per plugin)."""
