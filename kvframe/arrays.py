@@ -89,7 +89,7 @@ class RowSparseArray:
         return len(self.shape)
 
     @classmethod
-    def from_dense(cls, dense: Any) -> "RowSparseArray":
+    def from_dense(cls, dense: Any) -> RowSparseArray:
         """Keep the rows of ``dense`` that hold any non-zero value."""
         xp = array_module(dense)
         flat = dense.reshape(dense.shape[0], -1)
@@ -97,7 +97,7 @@ class RowSparseArray:
         return cls(dense[rows], rows, dense.shape)
 
     @classmethod
-    def from_rows(cls, data: Any, indices: Any, shape: tuple[int, ...]) -> "RowSparseArray":
+    def from_rows(cls, data: Any, indices: Any, shape: tuple[int, ...]) -> RowSparseArray:
         """Like the constructor, but unsorted and repeated indices are allowed (repeats are summed)."""
         xp = array_module(data)
         indices = xp.asarray(indices, dtype=np.int64).reshape(-1)
@@ -107,7 +107,7 @@ class RowSparseArray:
         return cls(summed, uniq, shape)
 
     @classmethod
-    def zeros(cls, shape: tuple[int, ...], dtype: Any = np.float32, xp: Any = np) -> "RowSparseArray":
+    def zeros(cls, shape: tuple[int, ...], dtype: Any = np.float32, xp: Any = np) -> RowSparseArray:
         return cls(xp.zeros((0,) + tuple(shape[1:]), dtype=dtype), xp.zeros(0, dtype=np.int64), shape)
 
     def todense(self) -> Any:
@@ -116,7 +116,7 @@ class RowSparseArray:
         out[self.indices] = self.data
         return out
 
-    def copy(self) -> "RowSparseArray":
+    def copy(self) -> RowSparseArray:
         return RowSparseArray(self.data.copy(), self.indices.copy(), self.shape)
 
     def __repr__(self) -> str:

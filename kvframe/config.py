@@ -8,7 +8,8 @@ reaches a backend or the network.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
@@ -71,7 +72,8 @@ def validate_plugin_config(kind: str, data: Any, what: str, source: str | None =
     else:
         raise ConfigError(f"{what} must be a dict with a 'type', a name or a config model; got {type(data).__name__}")
     if "type" not in data or not isinstance(data["type"], str):
-        raise ConfigError(f"invalid {what}: field 'type' is required and must be a string naming one of {plugins.names(kind)}")
+        raise ConfigError(f"invalid {what}: field 'type' is required and must be a string naming one of "
+                          f"{plugins.names(kind)}")
     reg = plugins.lookup(kind, data["type"].lower() if kind != "transports" else data["type"])
     data = {**data, "type": reg.name}
     try:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -169,7 +170,8 @@ def lookup(kind: str, name: str) -> Registration:
                     return regs[name]
         installed = names(kind)
         if blocked:
-            hint = f"it is installed but disabled by KVFRAME_DISABLE_PLUGINS={os.environ.get('KVFRAME_DISABLE_PLUGINS')!r}"
+            disabled = os.environ.get("KVFRAME_DISABLE_PLUGINS")
+            hint = f"it is installed but disabled by KVFRAME_DISABLE_PLUGINS={disabled!r}"
         else:
             dist = KNOWN_DISTRIBUTIONS.get(name)
             if dist is None and kind in KIND_DISTRIBUTIONS and not installed:
