@@ -31,7 +31,8 @@ def run_mxnet(code_or_script: str | Path, env: dict | None = None, timeout: floa
     if py is None:
         print("  (MXNet 1.9.1 venv not available: MXNet figures skipped)", file=sys.stderr)
         return ""
-    cmd = [str(py), str(code_or_script), *args] if isinstance(code_or_script, Path) else [str(py), "-c", code_or_script]
+    source = [str(code_or_script)] if isinstance(code_or_script, Path) else ["-c", code_or_script]
+    cmd = [str(py), *source, *args]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("PYTHONPATH", None)
     res = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)

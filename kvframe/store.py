@@ -290,6 +290,11 @@ class KVStore:
 
     def push(self, key: Any, value: Any, priority: int = 0) -> None:
         """Push values (a list per key is summed). Returns once the inputs may be reused."""
+        if type(value) is np.ndarray and (type(key) is int or type(key) is str):  # the lean common case
+            meta = self._meta.get(key)
+            if meta is not None and value.shape == meta.shape and value.dtype == meta.dtype:
+                self._backend.push([key], [[value]], priority)
+                return
         keys, single = self._keys(key)
         values = self._per_key(keys, single, value, "value")
         self._check_values(keys, values, "pushed value")
@@ -305,6 +310,13 @@ class KVStore:
     def pull(self, key: Any, out: Any = None, priority: int = 0, ignore_sparse: bool = True,
              wait: bool = True) -> Handle:
         """Write each key's value into ``out``. With ``wait=False`` returns a handle to wait on."""
+        if type(out) is np.ndarray and (type(key) is int or type(key) is str):  # the lean common case
+            meta = self._meta.get(key)
+            if meta is not None and out.shape == meta.shape and out.dtype == meta.dtype:
+                handle = self._backend.pull([key], [[out]], priority, ignore_sparse)
+                if wait and handle is not COMPLETED:
+                    handle.wait()
+                return handle
         keys, outs = self._outs(key, out)
         dense_keys, dense_outs = [], []
         for k, os_ in zip(keys, outs):

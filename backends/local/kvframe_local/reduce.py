@@ -89,6 +89,9 @@ class Reducer:
         return out
 
     def copy_into(self, out: Any, value: Any) -> Any:
+        if type(out) is np.ndarray and type(value) is np.ndarray and out.size < self.bigarray_bound:
+            np.copyto(out, value)
+            return out
         if out is value:
             return out
         if array_module(out) is not np or array_module(value) is not np or out.size < self.bigarray_bound \

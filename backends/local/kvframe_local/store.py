@@ -78,13 +78,17 @@ class LocalStore(StoreBackend):
             self._reducer.copy_into(stored, merged)
 
     def push(self, keys: list, values: list[list], priority: int = 0) -> None:
-        for k, vals in group_by_key(keys, values).items():
-            stored = self._data[k]
-            if self._updater is None and all(not isinstance(v, RowSparseArray) for v in vals) \
-                    and all(array_module(v) is np for v in vals):
-                self._reducer.sum_into(stored, vals)  # assign the sum straight into the store
-            else:
-                self._apply(k, self._merged(k, vals))
+        if len(keys) == 1:
+            self._push_key(keys[0], values[0])
+        else:
+            for k, vals in group_by_key(keys, values).items():
+                self._push_key(k, vals)
+
+    def _push_key(self, key: Any, vals: list) -> None:
+        if self._updater is None and all(type(v) is np.ndarray for v in vals):
+            self._reducer.sum_into(self._data[key], vals)  # assign the sum straight into the store
+        else:
+            self._apply(key, self._merged(key, vals))
 
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         for k, os_ in zip(keys, outs):

@@ -1,0 +1,97 @@
+"""Store 'local' against Apache MXNet 1.9.1's: push of N per-device copies + pull, float32.
+
+The workload of ../shared/anchors/mx_local_bench.py, timed the same way on both sides (best of
+several rounds) in one run.  Usage: python benchmarks/bench_local.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+try:
+    from benchmarks.common import best_time, run_mxnet, table
+except ImportError:  # run as a script
+    from common import best_time, run_mxnet, table
+
+import kvframe
+
+SIZES = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
+NDEVS = [1, 4]
+
+
+def reps_for(size: int) -> int:
+    return max(5, min(20000, (1 << 26) // (size * 4)))
+
+
+MXNET_CODE = """
+import json, sys, time
+import mxnet as mx
+sizes, ndevs, quick = json.loads(sys.argv[1])
+def best(fn, reps, rounds=3):
+    fn(); mx.nd.waitall(); b = 1e9
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps): fn()
+        mx.nd.waitall()
+        b = min(b, (time.perf_counter() - t) / reps)
+    return b
+res = {}
+for size in sizes:
+    for ndev in ndevs:
+        kv = mx.kv.create('local')
+        kv.init(0, mx.nd.zeros((size,)))
+        vals = [mx.nd.ones((size,), ctx=mx.cpu(i)) for i in range(ndev)]
+        out = mx.nd.zeros((size,))
+        def step():
+            kv.push(0, vals); kv.pull(0, out=out)
+        reps = max(5, min(20000, (1 << 26) // (size * 4)))
+        if quick: reps = max(2, reps // 10)
+        res[f"{size},{ndev}"] = best(step, reps)
+print(json.dumps(res))
+"""
+
+
+def kvframe_times(quick: bool) -> dict:
+    res = {}
+    for size in SIZES:
+        for ndev in NDEVS:
+            kv = kvframe.create("local")
+            kv.init(0, np.zeros(size, np.float32))
+            vals = [np.ones(size, np.float32) for _ in range(ndev)]
+            out = np.zeros(size, np.float32)
+
+            def step(kv=kv, vals=vals, out=out):
+                kv.push(0, vals)
+                kv.pull(0, out=out)
+
+            reps = reps_for(size)
+            res[f"{size},{ndev}"] = best_time(step, max(2, reps // 10) if quick else reps)
+            kv.close()
+    return res
+
+
+def main(argv: list[str]) -> str:
+    quick = "--quick" in argv
+    ours = kvframe_times(quick)
+    out = run_mxnet(MXNET_CODE, args=[json.dumps([SIZES, NDEVS, quick])]) if "--no-mxnet" not in argv else ""
+    mx = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    rows = []
+    for size in SIZES:
+        for ndev in NDEVS:
+            k = f"{size},{ndev}"
+            t = ours[k]
+            gbs = size * 4 * (ndev + 1) / t / 1e9
+            m = mx.get(k)
+            rows.append([f"2^{size.bit_length() - 1}", ndev, f"{t * 1e6:.1f}", f"{gbs:.2f}",
+                         f"{m * 1e6:.1f}" if m else "-", f"{m / t:.2f}x" if m else "-"])
+    text = ("### local store: push of N copies + pull, float32 (µs per iteration)\n\n"
+            + table(["size", "copies", "kvframe µs", "kvframe GB/s", "MXNet 1.9.1 µs", "speed-up"], rows))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
