@@ -506,7 +506,8 @@ def create(name: str = "local", **options: Any) -> KVStore:
     return KVStore(backend, requested)
 
 
-def create_from_config(config: Any) -> KVStore:  # filled in by kvframe.configfile when present
+def create_from_config(config: Any = None) -> KVStore:
+    """Create a store from a TOML/YAML file, a dict, or (``None``) ``$KVFRAME_CONFIG``; see kvframe.configfile."""
     from kvframe.configfile import create_from_config as _create
 
     return _create(config)

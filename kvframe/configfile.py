@@ -1,0 +1,411 @@
+"""A whole kvframe setup from one TOML or YAML file, with environment overrides.
+
+The file has up to four sections::
+
+    [store]                 # the store type and that store's own options (default: type = "local")
+    type = "dist_sync"
+    [compression]           # optional: a gradient compressor config (set_gradient_compression)
+    type = "2bit"
+    threshold = 0.5
+    [optimizer]             # optional: an optimizer config (set_optimizer), lr_scheduler nested
+    type = "sgd"
+    learning_rate = 0.1
+    momentum = 0.9
+    [app]                   # optional: free-form settings of the application, not read by kvframe
+
+A section may also be just a name (``store = "local"``).  Setting a compression or optimizer
+``type`` to ``"none"`` removes that section (handy from the environment).
+
+**Environment overrides.**  ``KVFRAME_<SECTION>__<FIELD>[__<SUBFIELD>...]`` sets one value,
+overriding the file: a double underscore separates the levels, names are lowercased, and the
+value is parsed as JSON where it can be (``0.05``, ``true``, ``[1, 2]``, ``{"step": 10}``) and
+taken as a string otherwise.  For instance ``KVFRAME_STORE__TYPE=dist_sync``,
+``KVFRAME_OPTIMIZER__LEARNING_RATE=0.05``, ``KVFRAME_OPTIMIZER__LR_SCHEDULER__STEP=100``.
+Variables without a double underscore (``KVFRAME_CONFIG``, ``KVFRAME_TIMEOUT``...) are not
+overrides.  ``KVFRAME_CONFIG`` names the file to read when none is given.
+
+**Validation first.**  Every section is validated by the installed plugin's pydantic model
+before anything is created; all problems are reported at once, each with the file, the field
+path and the reason (and the environment variable, when the value came from one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvframe.config import CompressionConfig, OptimizerConfig, PluginConfig, StoreConfig
+from kvframe.errors import ConfigError, KVFrameError
+
+ENV_PREFIX = "KVFRAME_"
+ENV_CONFIG = "KVFRAME_CONFIG"
+
+# section -> (registry kind, what it is called in messages, is the type required)
+SECTIONS: dict[str, tuple[str, str, bool]] = {
+    "store": ("stores", "store", False),
+    "compression": ("compressors", "compressor", True),
+    "optimizer": ("optimizers", "optimizer", True),
+}
+DEFAULT_STORE = "local"
+
+
+class FileSections(BaseModel):
+    """The shape of a config file before the plugins check their own sections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Union[dict[str, Any], str] = Field(default_factory=lambda: {"type": DEFAULT_STORE},
+                                              description="the store type and its options")
+    compression: Union[dict[str, Any], str, None] = Field(None, description="gradient compression config")
+    optimizer: Union[dict[str, Any], str, None] = Field(None, description="optimizer config (with lr_scheduler)")
+    app: dict[str, Any] = Field(default_factory=dict, description="free-form settings of the application")
+
+
+@dataclass
+class KVFrameConfig:
+    """A validated config file: the plugin config models of each section, ready to apply."""
+
+    store: StoreConfig
+    store_name: str  # the name as written (an MXNet alias such as 'dist' is kept for KVStore.type)
+    compression: CompressionConfig | None = None
+    optimizer: OptimizerConfig | None = None
+    app: dict[str, Any] = field(default_factory=dict)
+    source: str = "<dict>"
+    overrides: dict[str, str] = field(default_factory=dict)  # env variable -> the raw value used
+
+    def create(self) -> Any:
+        """Create the store, then set its compression and optimizer. On failure the store is closed."""
+        from kvframe import plugins
+        from kvframe.store import KVStore
+
+        kv = KVStore(plugins.create("stores", self.store), self.store_name)
+        try:
+            if self.compression is not None:
+                kv.set_gradient_compression(self.compression)
+            if self.optimizer is not None:
+                kv.set_optimizer(self.optimizer)
+        except BaseException:
+            kv.close()
+            raise
+        return kv
+
+    def summary(self) -> str:
+        """A few human lines: what this config sets up."""
+        def opts(cfg: PluginConfig) -> str:
+            d = cfg.model_dump(exclude={"type"}, exclude_unset=True, mode="json")
+            return ", ".join(f"{k}={json.dumps(v)}" for k, v in d.items()) or "defaults"
+
+        lines = [f"store:       {self.store.type}" + (f" (as {self.store_name!r})" if self.store_name != self.store.type
+                                                      else "") + f" [{opts(self.store)}]"]
+        lines.append("compression: " + (f"{self.compression.type} [{opts(self.compression)}]" if self.compression
+                                        else "none"))
+        lines.append("optimizer:   " + (f"{self.optimizer.type} [{opts(self.optimizer)}]" if self.optimizer
+                                        else "none (the store assigns the summed pushes)"))
+        if self.app:
+            lines.append("app:         " + ", ".join(sorted(self.app)))
+        if self.overrides:
+            lines.append("overrides:   " + ", ".join(f"{k}={v}" for k, v in sorted(self.overrides.items())))
+        return "\n".join(lines)
+
+
+# reading --------------------------------------------------------------------------------------
+
+def _toml_module() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError:  # pragma: no cover - tomli is a dependency on 3.10
+        raise ConfigError("reading TOML on Python 3.10 needs the 'tomli' package: pip install tomli") from None
+    return tomli
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw contents of a TOML (.toml) or YAML (.yaml, .yml) file, as a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found" if not p.exists() else
+                          f"config path {str(p)!r} is not a file")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    if suffix == ".toml":
+        toml = _toml_module()
+        try:
+            data = toml.loads(text)
+        except toml.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in {p}: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"reading {p} needs PyYAML: pip install pyyaml (or use a .toml file)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML in {p}: {exc}") from None
+        if data is None:
+            data = {}
+    else:
+        raise ConfigError(f"config file {p}: unknown extension {suffix or '(none)'!r}; use .toml, .yaml or .yml")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"invalid config in {p}: the top level must be a table/mapping of sections "
+                          f"(store, compression, optimizer, app); got {type(data).__name__}")
+    return dict(data)
+
+
+def parse_env_value(raw: str) -> Any:
+    """JSON where it parses (numbers, true/false/null, lists, objects, quoted strings), else the string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, tuple[str, ...], Any, str]]:
+    """The ``KVFRAME_A__B__C`` variables as (variable, path, parsed value, raw value), sorted by name."""
+    environ = os.environ if environ is None else environ
+    found = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX):]:
+            continue
+        parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        if any(not p for p in parts):
+            raise ConfigError(f"environment variable {name}: empty name between '__' separators; "
+                              f"use KVFRAME_SECTION__FIELD[__SUBFIELD]")
+        found.append((name, parts, parse_env_value(environ[name]), environ[name]))
+    return found
+
+
+def _apply_override(data: dict, path: tuple[str, ...], value: Any, var: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and i == 0 and part in SECTIONS:  # "store = 'local'" shorthand
+            child = {"type": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"environment variable {var}: cannot set {'.'.join(path)} because {where} is "
+                              f"{type(child).__name__} {child!r}, not a table")
+        child = dict(child)
+        node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+# validation -----------------------------------------------------------------------------------
+
+def _fmt_value(v: Any) -> str:
+    return "" if isinstance(v, Mapping) else f" (got {v!r})"
+
+
+class _Problems:
+    def __init__(self, source: str, env_paths: dict[tuple[str, ...], str]):
+        self.source = source
+        self.env_paths = env_paths
+        self.lines: list[str] = []
+
+    def add(self, path: tuple, reason: str) -> None:
+        spath = tuple(str(p) for p in path)
+        where = ".".join(spath) or "(top level)"
+        var = next((v for p, v in self.env_paths.items() if spath[: len(p)] == p or p[: len(spath)] == spath), None)
+        line = f"  {where}: {reason}" + (f" [from environment variable {var}]" if var else "")
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(f"invalid kvframe config in {self.source}:\n" + "\n".join(self.lines))
+
+
+def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[PluginConfig | None, str | None]:
+    from kvframe import plugins
+    from kvframe.store import STORE_ALIASES
+
+    kind, what, type_required = SECTIONS[section]
+    if raw is None:
+        return None, None
+    data = {"type": raw} if isinstance(raw, str) else dict(raw)
+    if "type" not in data:
+        if type_required:
+            problems.add((section, "type"), f"field required: the {what} name, one of {plugins.names(kind)}")
+            return None, None
+        data["type"] = DEFAULT_STORE
+    name = data["type"]
+    if not isinstance(name, str):
+        problems.add((section, "type"), f"must be a string naming a {what}, one of {plugins.names(kind)}"
+                     f"{_fmt_value(name)}")
+        return None, None
+    if section != "store" and name.lower() == "none":
+        return None, None
+    written = name
+    name = name.lower()
+    if section == "store":
+        name = STORE_ALIASES.get(name, name)
+    try:
+        reg = plugins.lookup(kind, name)
+    except KVFrameError as exc:  # not installed, disabled, or failed to import
+        problems.add((section, "type"), str(exc))
+        return None, None
+    data["type"] = reg.name
+    try:
+        return reg.config_model.model_validate(data), written
+    except pydantic.ValidationError as err:
+        for e in err.errors():
+            problems.add((section, *e.get("loc", ())), f"{e.get('msg')}{_fmt_value(e.get('input'))}")
+        return None, None
+
+
+def _compression_supported(store: StoreConfig) -> bool | None:
+    """Whether the store type says it can compress gradients (None: it does not say)."""
+    from kvframe import plugins
+
+    caps = getattr(plugins.lookup("stores", store.type).factory, "capabilities", None)
+    if not isinstance(caps, (set, frozenset)):
+        return None
+    return "compression" in caps
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> KVFrameConfig:
+    """Read and validate a config (a path, a dict, or ``None`` for ``$KVFRAME_CONFIG``), with the
+    environment overrides applied. Nothing is created. Raises :class:`kvframe.errors.ConfigError`."""
+    environ = os.environ if environ is None else environ
+    if config is None:
+        path = environ.get(ENV_CONFIG)
+        config = path if path else {}
+        source = path if path else "<defaults and environment>"
+    elif isinstance(config, Mapping):
+        source = "<dict>"
+    elif isinstance(config, (str, os.PathLike)):
+        source = str(config)
+    else:
+        raise ConfigError(f"a config must be a file path, a dict or None (for ${ENV_CONFIG}); "
+                          f"got {type(config).__name__}")
+    data = dict(config) if isinstance(config, Mapping) else read_file(config)
+
+    overrides = env_overrides(environ)
+    env_paths: dict[tuple[str, ...], str] = {}
+    used: dict[str, str] = {}
+    for var, path, value, raw in overrides:
+        _apply_override(data, path, value, var)
+        env_paths[path] = var
+        used[var] = raw
+
+    problems = _Problems(source, env_paths)
+    try:
+        sections = FileSections.model_validate(data)
+    except pydantic.ValidationError as err:
+        bad: set[str] = set()
+        for e in err.errors():
+            loc = e.get("loc", ())
+            bad.add(str(loc[0]) if loc else "")
+            if e.get("type") == "extra_forbidden":
+                reason = f"unknown section; the sections are {', '.join([*SECTIONS, 'app'])}"
+            elif loc and loc[0] in SECTIONS:
+                reason = f"must be a table of options with a 'type', or a name{_fmt_value(e.get('input'))}"
+                loc = loc[:1]
+            else:
+                reason = f"{e.get('msg')}{_fmt_value(e.get('input'))}"
+            problems.add(loc, reason)
+        # the well-formed sections are still checked, so every problem is reported at once
+        sections = FileSections.model_validate({k: v for k, v in data.items()
+                                                if k in FileSections.model_fields and k not in bad})
+
+    store, store_name = _validate_section("store", sections.store, problems)
+    compression, _ = _validate_section("compression", sections.compression, problems)
+    optimizer, _ = _validate_section("optimizer", sections.optimizer, problems)
+    if store is not None and compression is not None and _compression_supported(store) is False:
+        problems.add(("compression",), f"store {store.type!r} does not support gradient compression "
+                     "(as in MXNet, use store 'device' or a dist store)")
+    problems.raise_if_any()
+    assert store is not None and store_name is not None
+    return KVFrameConfig(store=store, store_name=store_name, compression=compression, optimizer=optimizer,  # type: ignore[arg-type]
+                         app=dict(sections.app), source=source, overrides=used)
+
+
+def create_from_config(config: str | os.PathLike | Mapping[str, Any] | None = None) -> Any:
+    """Create a :class:`kvframe.KVStore` from a TOML/YAML file or a dict, with ``KVFRAME_...``
+    environment overrides; with no argument, from ``$KVFRAME_CONFIG`` (or the defaults: store
+    'local').  Every section is validated before the store is created."""
+    return load_config(config).create()
+
+
+# JSON Schema ----------------------------------------------------------------------------------
+
+def _tagged(reg: Any) -> type[BaseModel]:
+    """The plugin's config model with ``type`` pinned to its registered name (needed for the union)."""
+    model = reg.config_model
+    ann = model.model_fields["type"].annotation
+    if get_origin(ann) is Literal and get_args(ann) == (reg.name,):
+        return model
+    return pydantic.create_model(model.__name__, __base__=model, type=(Literal[reg.name], reg.name))
+
+
+def _union(kind: str, skipped: list[str]) -> Any:
+    from kvframe import plugins
+
+    models = []
+    for reg in plugins.registrations(kind):
+        try:
+            m = _tagged(reg)
+            m.model_json_schema()
+        except Exception as exc:  # a model without a JSON schema is left out, and said so
+            skipped.append(f"{kind[:-1]} {reg.name!r} ({reg.distribution or reg.plugin}): {type(exc).__name__}: {exc}")
+            continue
+        models.append(m)
+    if not models:
+        return None
+    if len(models) == 1:
+        return models[0]
+    from typing import Annotated
+
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+
+
+def build_schema_model(skipped: list[str] | None = None) -> type[BaseModel]:
+    """The config file's model with discriminated unions of every installed plugin's config model
+    (importing every plugin). Models that cannot be expressed in JSON Schema go to ``skipped``."""
+    from kvframe import plugins
+
+    plugins.load_all()
+    skipped = [] if skipped is None else skipped
+    fields: dict[str, Any] = {}
+    for section, (kind, what, _) in SECTIONS.items():
+        union = _union(kind, skipped)
+        desc = f"the {what} config; installed: {', '.join(plugins.names(kind)) or 'none'}"
+        if union is None:
+            fields[section] = (Union[dict[str, Any], None], Field(None, description=desc + " (no plugin installed)"))
+        elif section == "store":
+            fields[section] = (union, Field(default_factory=lambda: {"type": DEFAULT_STORE}, description=desc))
+        else:
+            fields[section] = (Union[union, None], Field(None, description=desc))
+    fields["app"] = (dict[str, Any], Field(default_factory=dict, description="free-form settings of the application"))
+    return pydantic.create_model("KVFrameConfigFile", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the config file for the installed plugins."""
+    skipped: list[str] = []
+    schema = build_schema_model(skipped).model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["description"] = ("kvframe config file (TOML or YAML). Environment overrides: "
+                             "KVFRAME_<SECTION>__<FIELD>[__<SUBFIELD>], values parsed as JSON where possible.")
+    if skipped:
+        schema["x-kvframe-skipped"] = skipped
+    return schema
+
+
+__all__ = ["KVFrameConfig", "load_config", "create_from_config", "json_schema", "read_file", "env_overrides",
+           "parse_env_value", "build_schema_model", "StoreConfig", "CompressionConfig", "OptimizerConfig"]
