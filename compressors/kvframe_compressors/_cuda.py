@@ -1,0 +1,155 @@
+"""CUDA kernels (through cupy) for the '2bit' and '1bit' codecs, bit-identical to the CPU path.
+
+Each encode thread owns one payload byte (4 or 8 values), so no atomics are needed; decode runs
+one thread per value.  Only float32 additions, subtractions and comparisons are used, in the same
+order as the CPU code, so results match bit for bit (no fused multiply-add can occur).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cupy
+import numpy as np
+
+_SOURCE = r"""
+extern "C" __global__
+void kvf_encode_2bit(const float* __restrict__ g, float* __restrict__ r, unsigned char* __restrict__ out,
+                     const long long n, const long long nbytes, const float t) {
+    const float neg_t = -t;
+    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < nbytes;
+         b += (long long)blockDim.x * gridDim.x) {
+        unsigned int byte = 0;
+        const long long start = b << 2;
+        for (int j = 0; j < 4; ++j) {
+            const long long i = start + j;
+            if (i < n) {
+                float v = r[i] + g[i];
+                if (v >= t) {
+                    byte |= 0xc0u >> (2 * j);
+                    v = v - t;
+                } else if (v <= neg_t) {
+                    byte |= 0x80u >> (2 * j);
+                    v = v - neg_t;
+                }
+                r[i] = v;
+            }
+        }
+        out[b] = (unsigned char)byte;
+    }
+}
+
+extern "C" __global__
+void kvf_decode_2bit(const unsigned char* __restrict__ in, float* __restrict__ out, const long long n,
+                     const float t, const int accumulate) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const unsigned int code = (in[i >> 2] >> (6 - 2 * (int)(i & 3))) & 3u;
+        const float v = code == 3u ? t : (code == 2u ? -t : 0.0f);
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
+extern "C" __global__
+void kvf_encode_1bit(const float* __restrict__ g, float* __restrict__ r, unsigned char* __restrict__ out,
+                     const long long n, const long long nbytes, const float t) {
+    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < nbytes;
+         b += (long long)blockDim.x * gridDim.x) {
+        unsigned int byte = 0;
+        const long long start = b << 3;
+        for (int j = 0; j < 8; ++j) {
+            const long long i = start + j;
+            if (i < n) {
+                float v = r[i] + g[i];
+                if (v > t) {
+                    byte |= 0x80u >> j;
+                    v = v - 1.0f;
+                } else {
+                    v = v + 1.0f;
+                }
+                r[i] = v;
+            }
+        }
+        out[b] = (unsigned char)byte;
+    }
+}
+
+extern "C" __global__
+void kvf_decode_1bit(const unsigned char* __restrict__ in, float* __restrict__ out, const long long n,
+                     const int accumulate) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const float v = ((in[i >> 3] >> (7 - (int)(i & 7))) & 1u) ? 1.0f : -1.0f;
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+"""
+
+_module = None
+_THREADS = 256
+
+
+def _kernel(name: str) -> Any:
+    global _module
+    if _module is None:
+        # no fast-math: plain IEEE float32 arithmetic, as on the CPU
+        _module = cupy.RawModule(code=_SOURCE, options=("--fmad=false",))
+    return _module.get_function(name)
+
+
+def _grid(count: int) -> tuple[int]:
+    return (max(1, min(65535 * 8, -(-count // _THREADS))),)
+
+
+def _contig(x: Any) -> Any:
+    return x if x.flags.c_contiguous else cupy.ascontiguousarray(x)
+
+
+def _check_residual(residual: Any) -> Any:
+    if not residual.flags.c_contiguous:
+        raise ValueError("the residual must be a C-contiguous array (it is updated in place)")
+    return residual
+
+
+def _encode(name: str, grad: Any, residual: Any, t: np.float32, nbytes: int) -> Any:
+    r = _check_residual(residual)
+    with grad.device:
+        g = _contig(grad)
+        out = cupy.empty(nbytes, cupy.uint8)
+        if nbytes:
+            _kernel(name)(_grid(nbytes), (_THREADS,), (g, r, out, np.int64(g.size), np.int64(nbytes), np.float32(t)))
+        return out
+
+
+def encode_2bit(grad: Any, residual: Any, t: np.float32, nbytes: int) -> Any:
+    return _encode("kvf_encode_2bit", grad, residual, t, nbytes)
+
+
+def encode_1bit(grad: Any, residual: Any, t: np.float32, nbytes: int) -> Any:
+    return _encode("kvf_encode_1bit", grad, residual, t, nbytes)
+
+
+def _decode(out: Any, launch) -> Any:
+    with out.device:
+        target = out if out.flags.c_contiguous else cupy.ascontiguousarray(out)
+        if target.size:
+            launch(target)
+        if target is not out:
+            out[...] = target
+        return out
+
+
+def decode_2bit(payload: Any, out: Any, t: np.float32, accumulate: bool) -> Any:
+    def launch(o: Any) -> None:
+        _kernel("kvf_decode_2bit")(_grid(o.size), (_THREADS,),
+                                   (_contig(payload), o, np.int64(o.size), np.float32(t), np.int32(accumulate)))
+
+    return _decode(out, launch)
+
+
+def decode_1bit(payload: Any, out: Any, accumulate: bool) -> Any:
+    def launch(o: Any) -> None:
+        _kernel("kvf_decode_1bit")(_grid(o.size), (_THREADS,),
+                                   (_contig(payload), o, np.int64(o.size), np.int32(accumulate)))
+
+    return _decode(out, launch)
