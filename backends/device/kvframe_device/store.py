@@ -1,0 +1,289 @@
+"""Store 'device', as MXNet's CommDevice.
+
+* Each key's merge buffer sits on one device: when keys are first pushed after their init, the
+  newly initialised keys are placed largest first, each on the device with the least load so far
+  (the load being the elements already placed there).  Values are reduced there and the updater
+  runs there (the stored value moves to that device).
+* With gradient compression every device encodes its value with its own residual (one residual
+  per key per device slot, the merging device included), the payloads travel to the merge
+  device, which decodes and sums them.
+* Values may be cupy arrays on several GPUs (peer copies where the hardware allows), or numpy
+  arrays: a list of N numpy arrays stands for N CPU devices (slot i is device ('cpu', i)).
+
+On numpy arrays elementwise codecs ('2bit', '1bit', 'fp16', ...) are fused with the reduction:
+the merge walks cache-sized blocks, and for each block encodes every device's slice, decodes it
+and adds it into the result while everything is still in cache, over a thread pool.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+from kvframe_local.store import LocalConfig, LocalStore, group_by_key
+from pydantic import Field
+
+from kvframe.arrays import RowSparseArray, array_module
+from kvframe.errors import DTypeMismatchError
+from kvframe.store import COMPLETED, Handle
+from kvframe_device.copy import copy_into, device_id, empty_on, enable_peer_access, to_device, zeros_on
+
+
+class DeviceConfig(LocalConfig):
+    type: Literal["device"] = "device"  # type: ignore[assignment]
+    block: int = Field(1 << 15, ge=1024, le=1 << 24, description="elements per cache block when compression is "
+                                                                 "fused with the reduction on CPU arrays")
+    p2p: bool = Field(True, description="enable direct GPU-to-GPU copies where the hardware allows")
+
+
+def _slot_device(value: Any, slot: int) -> tuple:
+    """The device a pushed value stands for: ('gpu', id) for cupy, ('cpu', slot) otherwise."""
+    arr = value.data if isinstance(value, RowSparseArray) else value
+    dev = device_id(arr)
+    return ("cpu", slot) if dev is None else ("gpu", dev)
+
+
+def _memory(dev: tuple) -> int | None:
+    """Where a device's buffers live: a GPU id, or None for host memory."""
+    return dev[1] if dev[0] == "gpu" else None
+
+
+class DeviceStore(LocalStore):
+    capabilities = frozenset({"optimizer", "row_sparse", "compression"})
+
+    def __init__(self, config: DeviceConfig):
+        super().__init__(config)
+        self._pending: list = []  # keys initialised but not yet placed
+        self._merge_dev: dict = {}  # key -> device tuple
+        self._loads: dict = {}  # device tuple -> elements placed there
+        self._compressor: Any = None
+        self._residual: dict = {}  # key -> list (per slot) of flat residual arrays
+        self._threads = max(1, self._reducer.threads)
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvframe-device") \
+            if self._threads > 1 else None
+
+    # placement --------------------------------------------------------------------------------
+    def _place(self, key: Any, value: Any) -> Any:
+        arr = value.todense() if isinstance(value, RowSparseArray) else value
+        dev = device_id(arr)
+        if dev is None:
+            return np.array(arr, copy=True, order="C")
+        out = empty_on(dev, arr.shape, arr.dtype)
+        return copy_into(out, arr)
+
+    def init(self, keys: list, values: list) -> None:
+        super().init(keys, values)
+        self._pending.extend(keys)
+
+    def _assign(self, devices: list) -> None:
+        """Place the pending keys, largest first, each on the least-loaded of ``devices``."""
+        if not self._pending or not devices:
+            return
+        for d in devices:
+            self._loads.setdefault(d, 0)
+        gpus = sorted({d[1] for d in devices if d[0] == "gpu"})
+        if len(gpus) > 1 and self.config.p2p:
+            enable_peer_access(gpus)
+        order = sorted(self._pending, key=lambda k: -self._data[k].size)  # stable: init order breaks ties
+        for k in order:
+            dev = min(devices, key=lambda d: self._loads[d])
+            self._loads[dev] += int(self._data[k].size)
+            self._merge_dev[k] = dev
+            self._data[k] = to_device(self._data[k], _memory(dev))
+            self._merge_buf.pop(k, None)
+        self._pending = []
+
+    def merge_device(self, key: Any) -> tuple | None:
+        """The device that reduces ``key``: ('cpu', slot) or ('gpu', id); None before its first push."""
+        return self._merge_dev.get(key)
+
+    @property
+    def device_loads(self) -> dict:
+        """Elements placed on each device so far."""
+        return dict(self._loads)
+
+    # push -----------------------------------------------------------------------------------------
+    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+        grouped = {keys[0]: values[0]} if len(keys) == 1 else group_by_key(keys, values)
+        if self._pending:
+            devices: list = []
+            for vals in grouped.values():
+                for i, v in enumerate(vals):
+                    d = _slot_device(v, i)
+                    if d not in devices:
+                        devices.append(d)
+            self._assign(devices)
+        if self._compressor is not None:  # refuse bad input before anything changes
+            for k, vals in grouped.items():
+                self._check_compressible(k, vals)
+        for k, vals in grouped.items():
+            self._push_key(k, vals)
+
+    def _check_compressible(self, key: Any, vals: list) -> None:
+        check = getattr(self._compressor, "check_dtype", None)
+        for v in vals:
+            if isinstance(v, RowSparseArray):
+                continue  # row-sparse gradients are sent uncompressed, as in MXNet
+            if check is not None:
+                try:
+                    check(v.dtype)
+                except (TypeError, ValueError) as exc:
+                    raise DTypeMismatchError(f"key {key!r}: {exc}") from None
+
+    def _push_key(self, key: Any, vals: list) -> None:
+        stored = self._data[key]
+        sparse = any(isinstance(v, RowSparseArray) for v in vals)
+        host = device_id(stored) is None and all(type(v) is np.ndarray for v in vals)
+        if self._compressor is not None and not sparse:
+            self._compressed_push(key, vals)
+        elif host or (sparse and device_id(stored) is None):
+            super()._push_key(key, [v if isinstance(v, RowSparseArray) or device_id(v) is None else v.get()
+                                    for v in vals])
+        else:
+            self._apply(key, self._device_merge(key, vals))
+
+    def _target(self, key: Any) -> Any:
+        """Where the merged value is written: the stored value itself without an updater."""
+        stored = self._data[key]
+        if self._updater is None:
+            return stored
+        buf = self._merge_buf.get(key)
+        if buf is None:
+            buf = self._merge_buf[key] = empty_on(device_id(stored), stored.shape, stored.dtype)
+        return buf
+
+    def _apply_target(self, key: Any, target: Any) -> None:
+        if self._updater is not None:
+            self._updater(key, target, self._data[key])
+
+    def _device_merge(self, key: Any, vals: list) -> Any:
+        """Uncompressed reduce of dense values on the key's merge device (written into the store
+        itself when there is no updater)."""
+        stored = self._data[key]
+        mem = device_id(stored)
+        dense = [v.todense() if isinstance(v, RowSparseArray) else v for v in vals]
+        if len(dense) == 1 and device_id(dense[0]) == mem and self._updater is not None:
+            return dense[0]
+        target = self._target(key)
+        copy_into(target, dense[0])
+        if mem is None:
+            for v in dense[1:]:
+                target += v if device_id(v) is None else v.get()
+            return target
+        with target.device:
+            for v in dense[1:]:
+                target += to_device(v, mem)
+        return target
+
+    def _apply(self, key: Any, merged: Any) -> None:
+        stored = self._data[key]
+        if device_id(stored) is None:
+            if not isinstance(merged, RowSparseArray) and device_id(merged) is not None:
+                merged = merged.get()
+            super()._apply(key, merged)
+        elif self._updater is not None:
+            with stored.device:
+                self._updater(key, merged, stored)
+        elif isinstance(merged, RowSparseArray):
+            with stored.device:
+                stored[...] = 0
+                stored[to_device(merged.indices, device_id(stored))] = to_device(merged.data, device_id(stored))
+        else:
+            copy_into(stored, merged)
+
+    # compression ----------------------------------------------------------------------------------
+    def set_gradient_compression(self, compressor: Any) -> None:
+        self._compressor = compressor
+        self._residual = {}
+
+    @property
+    def compressor(self) -> Any:
+        return self._compressor
+
+    def residual(self, key: Any, slot: int) -> Any:
+        """The residual of ``key`` kept for device slot ``slot`` (flat), or None."""
+        res = self._residual.get(key)
+        return None if res is None or slot >= len(res) else res[slot]
+
+    def _residuals(self, key: Any, vals: list) -> list:
+        res = self._residual.setdefault(key, [])
+        for i, v in enumerate(vals):
+            dev = device_id(v)
+            if i == len(res):
+                res.append(zeros_on(dev, (v.size,), v.dtype))
+            elif device_id(res[i]) != dev:  # this slot's device changed: carry its residual over
+                res[i] = to_device(res[i], dev)
+        return res
+
+    def _compressed_push(self, key: Any, vals: list) -> None:
+        comp = self._compressor
+        res = self._residuals(key, vals)
+        target = self._target(key)
+        mem = device_id(target)
+        multiple = getattr(comp, "block_multiple", None)
+        if mem is None and multiple and all(type(v) is np.ndarray for v in vals) and target.flags.c_contiguous:
+            self._fused_host(comp, [v.reshape(-1) if v.flags.c_contiguous else np.ascontiguousarray(v).reshape(-1)
+                                    for v in vals], res, target.reshape(-1), multiple)
+        else:
+            for i, v in enumerate(vals):
+                dev = device_id(v)
+                if dev is None:
+                    payload = comp.encode(v, res[i])
+                else:
+                    with v.device:
+                        payload = comp.encode(v, res[i].reshape(v.shape))
+                payload = to_device(payload, mem)
+                if mem is None:
+                    comp.decode(payload, target, accumulate=i > 0)
+                else:
+                    with target.device:
+                        comp.decode(payload, target, accumulate=i > 0)
+        self._apply_target(key, target)
+
+    def _fused_host(self, comp: Any, flats: list, res: list, out: np.ndarray, multiple: int) -> None:
+        """Encode, decode and sum block by block, each block staying in cache."""
+        n = out.size
+        block = math.ceil(self.config.block / multiple) * multiple
+
+        def work(lo: int, hi: int) -> None:
+            for s in range(lo, hi, block):
+                e = min(s + block, hi)
+                o = out[s:e]
+                for i, g in enumerate(flats):
+                    comp.decode(comp.encode(g[s:e], res[i][s:e]), o, accumulate=i > 0)
+
+        if self._pool is None or n < self.config.bigarray_bound:
+            work(0, n)
+            return
+        units = -(-n // block)
+        parts = min(self._threads, units)
+        bounds = [min(n, units * j // parts * block) for j in range(parts + 1)]
+        futures = [self._pool.submit(work, bounds[j], bounds[j + 1]) for j in range(1, parts)]
+        try:
+            work(bounds[0], bounds[1])
+        finally:
+            for f in futures:
+                f.result()
+
+    # pull -----------------------------------------------------------------------------------------
+    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+        for k, os_ in zip(keys, outs):
+            stored = self._data[k]
+            if device_id(stored) is None and all(type(o) is np.ndarray or isinstance(o, RowSparseArray)
+                                                 for o in os_):
+                super().pull([k], [os_], priority, ignore_sparse)
+                continue
+            for o in os_:
+                if isinstance(o, RowSparseArray):
+                    xp = array_module(stored)
+                    o.data, o.indices = stored.copy(), xp.arange(stored.shape[0], dtype=np.int64)
+                else:
+                    copy_into(o, stored)
+        return COMPLETED
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        super().close()
