@@ -1,0 +1,122 @@
+"""A node's settings from the environment: MXNet's ``DMLC_*`` names and kvframe's own ``KVFRAME_*``.
+
+``KVFRAME_*`` wins where both are set.  Required for a distributed job: the role, the scheduler's
+address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of servers and workers.
+
+| kvframe | MXNet / ps-lite | meaning |
+|---|---|---|
+| KVFRAME_ROLE | DMLC_ROLE | worker, server or scheduler |
+| KVFRAME_ROOT_URI | DMLC_PS_ROOT_URI | the scheduler's host |
+| KVFRAME_ROOT_PORT | DMLC_PS_ROOT_PORT | the scheduler's port |
+| KVFRAME_NUM_SERVERS | DMLC_NUM_SERVER | number of servers |
+| KVFRAME_NUM_WORKERS | DMLC_NUM_WORKER | number of workers |
+| KVFRAME_RANK | | the rank this node asks for (the launcher sets it; else arrival order) |
+| KVFRAME_NODE_HOST | DMLC_NODE_HOST | the address a server binds and announces |
+| KVFRAME_PORT | PORT | a server's port (default: any free one) |
+| KVFRAME_SECRET | | shared secret: every message carries an HMAC-SHA256 of its frames |
+| KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
+| KVFRAME_HEARTBEAT_TIMEOUT | | seconds of silence before a node counts as stopped (default 15) |
+| KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 60) |
+| KVFRAME_BIGARRAY_BOUND | MXNET_KVSTORE_BIGARRAY_BOUND | arrays this large are split over all servers |
+| KVFRAME_IPC | DMLC_LOCAL | 1: servers listen on unix sockets (single-host jobs only) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _get(names: tuple[str, ...], default: str | None = None) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return v
+    return default
+
+
+def _int(names: tuple[str, ...], default: int | None) -> int | None:
+    v = _get(names)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {names[0]} (or {', '.join(names[1:]) or '-'}) must be an integer; "
+                         f"got {v!r}") from None
+
+
+def _float(names: tuple[str, ...], default: float) -> float:
+    v = _get(names)
+    if v is None:
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"environment variable {names[0]} must be a number of seconds; got {v!r}") from None
+
+
+@dataclass
+class NodeEnv:
+    role: str
+    root_uri: str
+    root_port: int
+    num_servers: int
+    num_workers: int
+    rank: int | None
+    node_host: str
+    port: int
+    secret: bytes | None
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    connect_timeout: float
+    bigarray_bound: int
+    ipc: bool
+
+    @property
+    def scheduler_addr(self) -> str:
+        host = f"[{self.root_uri}]" if ":" in self.root_uri else self.root_uri
+        return f"tcp://{host}:{self.root_port}"
+
+    @property
+    def loopback(self) -> bool:
+        return self.root_uri in LOOPBACK
+
+
+def role_from_env() -> str:
+    return (_get(("KVFRAME_ROLE", "DMLC_ROLE"), "worker") or "worker").lower()
+
+
+def node_env(role: str | None = None) -> NodeEnv:
+    role = (role or role_from_env()).lower()
+    if role not in ("worker", "server", "scheduler"):
+        raise ValueError(f"DMLC_ROLE / KVFRAME_ROLE must be worker, server or scheduler; got {role!r}")
+    port = _int(("KVFRAME_ROOT_PORT", "DMLC_PS_ROOT_PORT"), None)
+    ns = _int(("KVFRAME_NUM_SERVERS", "DMLC_NUM_SERVER"), None)
+    nw = _int(("KVFRAME_NUM_WORKERS", "DMLC_NUM_WORKER"), None)
+    missing = [n for n, v in (("DMLC_PS_ROOT_PORT (or KVFRAME_ROOT_PORT)", port),
+                              ("DMLC_NUM_SERVER (or KVFRAME_NUM_SERVERS)", ns),
+                              ("DMLC_NUM_WORKER (or KVFRAME_NUM_WORKERS)", nw)) if v is None]
+    if missing:
+        raise ValueError(f"a distributed {role} needs these environment variables: {', '.join(missing)}; start the job "
+                         "with kvframe-launch, or set them as for MXNet's launch.py")
+    if ns < 1 or nw < 1:
+        raise ValueError(f"need at least one server and one worker; got DMLC_NUM_SERVER={ns}, DMLC_NUM_WORKER={nw}")
+    root = _get(("KVFRAME_ROOT_URI", "DMLC_PS_ROOT_URI"), "127.0.0.1")
+    default_host = "127.0.0.1" if root in LOOPBACK else "0.0.0.0"
+    secret = _get(("KVFRAME_SECRET",))
+    return NodeEnv(
+        role=role, root_uri=root, root_port=port, num_servers=ns, num_workers=nw,
+        rank=_int(("KVFRAME_RANK",), None) if not os.environ.get("KVFRAME_RANK_FROM_MPI")
+        else _int(("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"), None),
+        node_host=_get(("KVFRAME_NODE_HOST", "DMLC_NODE_HOST"), default_host),
+        port=_int(("KVFRAME_PORT", "PORT"), 0),
+        secret=secret.encode() if secret else None,
+        heartbeat_interval=_float(("KVFRAME_HEARTBEAT_INTERVAL",), 1.0),
+        heartbeat_timeout=_float(("KVFRAME_HEARTBEAT_TIMEOUT",), 15.0),
+        connect_timeout=_float(("KVFRAME_CONNECT_TIMEOUT",), 60.0),
+        bigarray_bound=_int(("KVFRAME_BIGARRAY_BOUND", "MXNET_KVSTORE_BIGARRAY_BOUND"), 1_000_000),
+        ipc=(_get(("KVFRAME_IPC", "DMLC_LOCAL"), "0") or "0") not in ("0", "false", "no"),
+    )

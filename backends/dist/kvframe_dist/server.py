@@ -1,0 +1,480 @@
+"""A server: holds key shards, sums the workers' pushes and applies the optimizer.
+
+Sync mode (``dist_sync``, ``dist_device_sync``): pushes of a shard are summed until
+``num_workers`` have arrived (a second push from one worker counts, as in MXNet), then the
+optimizer runs on the sum (or the sum is stored when there is none).  A pull from a worker whose
+push of that shard is still waiting for the round is answered when the round completes, so a
+pull after a push sees that round's result without an extra round trip.  Async mode applies each
+push at once and needs an optimizer.
+
+The optimizer arrives as a validated JSON config and is built from this process's installed
+plugins; nothing received is unpickled.  Malformed, unauthenticated or wrong requests are logged
+and dropped or answered with an error; the server keeps serving.
+
+Run on its own with ``python -m kvframe_dist.server`` (environment as for MXNet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+from kvframe_local.reduce import Reducer
+
+from kvframe.arrays import RowSparseArray
+from kvframe_dist.env import NodeEnv, node_env
+from kvframe_dist.node import register
+from kvframe_dist.proto import wire_dtype
+from kvframe_dist.transport import BadMessage, ZmqTransport
+
+log = logging.getLogger("kvframe_dist.server")
+
+
+class RequestError(Exception):
+    """A request the server refuses; the message goes back to the worker."""
+
+
+@dataclass
+class Deferred:
+    ident: bytes
+    rid: Any
+    op: str
+    items: list
+    waiting: int
+
+
+@dataclass
+class ShardState:
+    key: Any  # the user's key (int or str), given to the optimizer
+    data: np.ndarray
+    pending: list = field(default_factory=list)  # (ident, enc, frames) of this round
+    pushers: list = field(default_factory=list)
+    deferred: list = field(default_factory=list)
+    merge: np.ndarray | None = None
+    trackers: list = field(default_factory=list)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until no zero-copy reply still reads ``data``."""
+        for t in self.trackers:
+            if not t.done:
+                t.wait(timeout)
+        self.trackers.clear()
+
+
+def load_extra_plugins() -> None:
+    """``KVFRAME_PLUGIN_MODULES=a.b,c``: register these modules' plugins in this process too."""
+    from kvframe import plugins
+
+    for mod in filter(None, (m.strip() for m in os.environ.get("KVFRAME_PLUGIN_MODULES", "").split(","))):
+        plugins.register_plugin(importlib.import_module(mod))
+
+
+class Server:
+    def __init__(self, env: NodeEnv, transport: ZmqTransport | None = None):
+        self.env = env
+        self.transport = transport or ZmqTransport(secret=env.secret)
+        if env.ipc:
+            bind = f"ipc://{os.environ.get('TMPDIR', '/tmp')}/kvframe-{env.root_port}-{os.getpid()}.sock"
+        else:
+            host = env.node_host
+            bind = f"tcp://{'*' if host == '0.0.0.0' else host}:{env.port}"
+        self.sock, addr = self.transport.router(bind)
+        if addr.startswith("tcp://0.0.0.0:") or bind.startswith("tcp://*"):
+            import socket
+
+            addr = f"tcp://{socket.gethostbyname(socket.gethostname())}:{addr.rsplit(':', 1)[1]}"
+        self.addr = addr
+        self.sched = self.transport.dealer(env.scheduler_addr)
+        self.rank = -1
+        self.num_workers = env.num_workers
+        self.shards: dict[tuple[int, int], ShardState] = {}
+        self.updater: Any = None
+        self.optimizer_config: str | None = None
+        self.compressor: Any = None
+        self.reducer = Reducer(bigarray_bound=env.bigarray_bound)
+        self.commands: list = []
+        self.stats = {"pushes": 0, "pulls": 0, "dropped": 0, "errors": 0}
+        self.exit_code: int | None = None
+
+    # replies ---------------------------------------------------------------------------------
+    def _reply(self, ident: bytes, header: dict, frames: list = (), track_into: list | None = None) -> None:
+        try:
+            trackers = self.transport.send(self.sock, header, frames, ident=ident, track=track_into is not None)
+        except zmq.ZMQError as exc:
+            log.warning("reply to %r failed: %s", ident, exc)
+            return
+        if track_into is not None:
+            track_into.extend(trackers)
+
+    def _error(self, ident: bytes, rid: Any, msg: str) -> None:
+        self.stats["errors"] += 1
+        log.warning("refused a request from %s: %s", ident.decode(errors="replace"), msg)
+        self._reply(ident, {"op": "error", "id": rid, "msg": f"server {self.rank} at {self.addr}: {msg}"})
+
+    # items -----------------------------------------------------------------------------------
+    def _shard(self, item: Any) -> tuple[tuple[int, int], ShardState]:
+        if not isinstance(item, list) or len(item) < 2 or not all(isinstance(x, int) for x in item[:2]):
+            raise RequestError(f"malformed item {item!r}: expected [key, part, ...]")
+        sk = (item[0], item[1])
+        st = self.shards.get(sk)
+        if st is None:
+            raise RequestError(f"unknown key {item[0]} (part {item[1]}): it was not initialised on this server")
+        return sk, st
+
+    def _array(self, frame: zmq.Frame, dtype: np.dtype, count: int | None, what: str) -> np.ndarray:
+        nbytes = len(frame)
+        if nbytes % dtype.itemsize:
+            raise RequestError(f"{what}: {nbytes} bytes is not a whole number of {dtype.name} values")
+        arr = np.frombuffer(frame.buffer, dtype=dtype)
+        if count is not None and arr.size != count:
+            raise RequestError(f"{what}: got {arr.size} {dtype.name} values ({nbytes} bytes), expected {count}")
+        return arr
+
+    # operations ------------------------------------------------------------------------------
+    def _init(self, ident: bytes, rid: Any, h: dict, frames: list) -> None:
+        items = h.get("items")
+        if not isinstance(items, list) or len(items) != len(frames):
+            n = len(items) if isinstance(items, list) else 0
+            raise RequestError(f"init: {len(frames)} data frames for {n} items")
+        new = {}
+        for item, frame in zip(items, frames):
+            if not isinstance(item, list) or len(item) != 5:
+                raise RequestError(f"init: malformed item {item!r}: expected [key, part, dtype, shape, name]")
+            k, p, dt, shape, name = item
+            if not (isinstance(k, int) and isinstance(p, int) and isinstance(shape, list)
+                    and all(isinstance(s, int) and s >= 0 for s in shape)):
+                raise RequestError(f"init: malformed item {item!r}")
+            dtype = wire_dtype(dt)
+            count = int(np.prod(shape)) if shape else 1
+            arr = self._array(frame, dtype, count, f"init of key {k} part {p}")
+            if (k, p) in self.shards:
+                raise RequestError(f"duplicate init of key {name if name is not None else k} (part {p})")
+            new[(k, p)] = ShardState(name if isinstance(name, str) else k, arr.reshape(shape).copy())
+        self.shards.update(new)
+        self._reply(ident, {"op": "ok", "id": rid})
+
+    def _decode_push(self, st: ShardState, item: list, frames: list, pos: int) -> tuple[Any, int]:
+        """The pushed value of one item: (value, frames used)."""
+        enc = item[2] if len(item) > 2 else None
+        what = f"push of key {st.key!r} part {item[1]}"
+        if pos >= len(frames):
+            raise RequestError(f"{what}: its data frame is missing")
+        if enc == "raw":
+            return self._array(frames[pos], st.data.dtype, st.data.size, what), 1
+        if enc == "comp":
+            if self.compressor is None:
+                raise RequestError(f"{what}: a compressed push came but no gradient compression is set on the servers")
+            pdt = wire_dtype(item[3] if len(item) > 3 else None)
+            return ("comp", self._array(frames[pos], pdt, None, what)), 1
+        if enc == "rsp":
+            if pos + 1 >= len(frames):
+                raise RequestError(f"{what}: a row-sparse push needs two frames (rows, data)")
+            rows = self._array(frames[pos], np.dtype(np.int64), None, what + " (row ids)")
+            row_size = st.data.size // st.data.shape[0] if st.data.shape[0] else 0
+            data = self._array(frames[pos + 1], st.data.dtype, rows.size * row_size, what + " (rows)")
+            if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= st.data.shape[0]):
+                raise RequestError(f"{what}: row ids outside [0, {st.data.shape[0]})")
+            return RowSparseArray.from_rows(data.reshape((rows.size,) + st.data.shape[1:]), rows, st.data.shape), 2
+        raise RequestError(f"{what}: unknown encoding {enc!r}")
+
+    def _push(self, ident: bytes, rid: Any, h: dict, frames: list) -> list:
+        """Queue or apply each item; returns the shard keys that were pushed (for pushpull)."""
+        items = h.get("items")
+        if not isinstance(items, list):
+            raise RequestError("push without items")
+        sync = bool(h.get("sync", True))
+        if not sync and self.updater is None:
+            raise RequestError("dist_async needs an optimizer on the servers (updates run per push): call "
+                               "set_optimizer before pushing")
+        decoded = []
+        pos = 0
+        for item in items:  # check everything before changing anything
+            sk, st = self._shard(item)
+            value, used = self._decode_push(st, item, frames, pos)
+            pos += used
+            decoded.append((sk, st, value))
+        if pos != len(frames):
+            raise RequestError(f"push: {len(frames)} data frames for {len(items)} items")
+        self.stats["pushes"] += 1
+        for sk, st, value in decoded:
+            if sync:
+                st.pending.append(value)
+                st.pushers.append(ident)
+                if len(st.pending) >= self.num_workers:
+                    self._complete(sk, st)
+            else:
+                st.pending.append(value)
+                self._complete(sk, st)
+        return [sk for sk, _, _ in decoded]
+
+    def _merged(self, st: ShardState) -> Any:
+        values = st.pending
+        if all(isinstance(v, RowSparseArray) for v in values):
+            if len(values) == 1:
+                return values[0]
+            return RowSparseArray.from_rows(np.concatenate([v.data for v in values]),
+                                            np.concatenate([v.indices for v in values]), st.data.shape)
+        if st.merge is None:
+            st.merge = np.empty_like(st.data)
+        flat = st.merge.reshape(-1)
+        dense = []
+        for v in values:
+            if isinstance(v, tuple):  # compressed
+                dense.append(v)
+            elif isinstance(v, RowSparseArray):
+                dense.append(v.todense().reshape(-1))
+            else:
+                dense.append(v)
+        raw = [v for v in dense if not isinstance(v, tuple)]
+        comp = [v[1] for v in dense if isinstance(v, tuple)]
+        if raw:
+            self.reducer.sum_into(flat, raw)
+        else:
+            flat[...] = 0
+        for payload in comp:
+            self.compressor.decode(payload, st.merge, accumulate=True)
+        return st.merge
+
+    def _complete(self, sk: tuple[int, int], st: ShardState) -> None:
+        """A round of this shard is complete: apply it and answer the pulls waiting for it."""
+        st.settle()
+        values = st.pending
+        if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
+            self.reducer.sum_into(st.data.reshape(-1), values)  # assign the sum
+        else:
+            merged = self._merged(st)
+            if self.updater is not None:
+                self.updater(st.key, merged, st.data)
+            elif isinstance(merged, RowSparseArray):
+                st.data[...] = 0
+                st.data[merged.indices] = merged.data
+            else:
+                self.reducer.copy_into(st.data, merged)
+        st.pending = []
+        st.pushers = []
+        waiting, st.deferred = st.deferred, []
+        for d in waiting:
+            d.waiting -= 1
+            if d.waiting == 0:
+                self._send_values(d.ident, d.rid, d.items)
+
+    def _send_values(self, ident: bytes, rid: Any, sks: list) -> None:
+        frames = []
+        tracked = []
+        for sk in sks:
+            st = self.shards[sk]
+            frames.append(st.data.reshape(-1))
+            tracked.append(st)
+        trackers: list = []
+        self._reply(ident, {"op": "data", "id": rid}, frames, track_into=trackers)
+        if trackers:
+            for st in tracked:
+                st.trackers.extend(trackers)
+        self.stats["pulls"] += 1
+
+    def _pull(self, ident: bytes, rid: Any, h: dict, sks: list | None = None) -> None:
+        if sks is None:
+            items = h.get("items")
+            if not isinstance(items, list):
+                raise RequestError("pull without items")
+            sks = [self._shard(item)[0] for item in items]
+        waits = [self.shards[sk] for sk in sks if ident in self.shards[sk].pushers]
+        if not waits:
+            self._send_values(ident, rid, sks)
+            return
+        d = Deferred(ident, rid, "pull", sks, len(waits))
+        for st in waits:
+            st.deferred.append(d)
+
+    def _rsp_pull(self, ident: bytes, rid: Any, h: dict, frames: list) -> None:
+        items = h.get("items")
+        if not isinstance(items, list) or len(items) != len(frames):
+            raise RequestError("row_sparse_pull: one row-id frame per item is needed")
+        out = []
+        for item, frame in zip(items, frames):
+            sk, st = self._shard(item)
+            rows = self._array(frame, np.dtype(np.int64), None, f"row_sparse_pull of key {st.key!r}")
+            if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= st.data.shape[0]):
+                raise RequestError(f"row_sparse_pull of key {st.key!r}: row ids outside [0, {st.data.shape[0]})")
+            out.append(np.ascontiguousarray(st.data[rows]).reshape(-1))
+        self._reply(ident, {"op": "data", "id": rid}, out)
+
+    def _set_optimizer(self, ident: bytes, rid: Any, h: dict) -> None:
+        from kvframe import plugins
+        from kvframe.config import validate_plugin_config
+
+        text = h.get("config")
+        if not isinstance(text, str):
+            raise RequestError("set_optimizer needs a JSON config")
+        try:
+            data = json.loads(text)
+            config = validate_plugin_config("optimizers", data, "optimizer config from a worker")
+            opt = plugins.create("optimizers", config)
+            updater = opt.create_updater()
+        except Exception as exc:
+            raise RequestError(f"cannot build the optimizer: {type(exc).__name__}: {exc}") from None
+        self.updater = updater
+        self.optimizer_config = text
+        log.info("server %d: optimizer %s", self.rank, data.get("type"))
+        self._reply(ident, {"op": "ok", "id": rid})
+
+    def _set_compression(self, ident: bytes, rid: Any, h: dict) -> None:
+        from kvframe import plugins
+        from kvframe.config import validate_plugin_config
+
+        try:
+            config = validate_plugin_config("compressors", json.loads(h.get("config", "")),
+                                            "gradient compression config from a worker")
+            self.compressor = plugins.create("compressors", config)
+        except Exception as exc:
+            raise RequestError(f"cannot build the compressor: {type(exc).__name__}: {exc}") from None
+        self._reply(ident, {"op": "ok", "id": rid})
+
+    def _get_states(self, ident: bytes, rid: Any, h: dict) -> None:
+        if self.updater is None or not hasattr(self.updater, "get_states"):
+            raise RequestError("there are no optimizer states to save: call set_optimizer first")
+        blob = self.updater.get_states(bool(h.get("dump_optimizer", False)))
+        self._reply(ident, {"op": "data", "id": rid}, [blob])
+
+    def _set_states(self, ident: bytes, rid: Any, h: dict, frames: list) -> None:
+        if self.updater is None or not hasattr(self.updater, "set_states"):
+            raise RequestError("load_optimizer_states needs an optimizer: call set_optimizer first")
+        if len(frames) != 1:
+            raise RequestError("set_states needs one frame")
+        try:
+            self.updater.set_states(frames[0].bytes)
+        except Exception as exc:
+            raise RequestError(f"cannot load the optimizer states: {type(exc).__name__}: {exc}") from None
+        self._reply(ident, {"op": "ok", "id": rid})
+
+    def _command(self, ident: bytes, rid: Any, h: dict) -> None:
+        head, body = h.get("head"), h.get("body")
+        if not isinstance(head, int) or not isinstance(body, str):
+            raise RequestError("a command needs an int head and a str body")
+        self.commands.append([head, body])
+        log.info("server %d: command %d %r", self.rank, head, body[:200])
+        self._reply(ident, {"op": "ok", "id": rid})
+
+    def _stats(self, ident: bytes, rid: Any) -> None:
+        info = {**self.stats, "rank": self.rank, "keys": len(self.shards), "commands": self.commands,
+                "optimizer": self.optimizer_config,
+                "compression": None if self.compressor is None else self.compressor.config.model_dump_json(),
+                "elements": int(sum(s.data.size for s in self.shards.values()))}
+        self._reply(ident, {"op": "ok", "id": rid, "stats": info})
+
+    def handle(self, ident: bytes, h: dict, frames: list) -> None:
+        op, rid = h["op"], h.get("id")
+        try:
+            if op == "push":
+                self._push(ident, rid, h, frames)
+                self._reply(ident, {"op": "ok", "id": rid})
+            elif op == "pull":
+                self._pull(ident, rid, h)
+            elif op == "pushpull":
+                sks = self._push(ident, rid, h, frames)
+                self._pull(ident, rid, h, sks)
+            elif op == "init":
+                self._init(ident, rid, h, frames)
+            elif op == "rsp_pull":
+                self._rsp_pull(ident, rid, h, frames)
+            elif op == "set_optimizer":
+                self._set_optimizer(ident, rid, h)
+            elif op == "set_compression":
+                self._set_compression(ident, rid, h)
+            elif op == "get_states":
+                self._get_states(ident, rid, h)
+            elif op == "set_states":
+                self._set_states(ident, rid, h, frames)
+            elif op == "command":
+                self._command(ident, rid, h)
+            elif op == "stats":
+                self._stats(ident, rid)
+            else:
+                raise RequestError(f"unknown op {op!r}")
+        except RequestError as exc:
+            self._error(ident, rid, str(exc))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # malformed fields
+            self._error(ident, rid, f"malformed {op!r} request: {type(exc).__name__}: {exc}")
+
+    # main loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        welcome = register(self.transport, self.sched, self.env, "server", self.addr)
+        self.rank = int(welcome["rank"])
+        self.num_workers = int(welcome["num_workers"])
+        log.info("server %d serving at %s", self.rank, self.addr)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.sched, zmq.POLLIN)
+        env = self.env
+        next_beat = 0.0
+        last_sched = time.monotonic()
+        try:
+            while self.exit_code is None:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.transport.send(self.sched, {"op": "hb", "role": "server", "rank": self.rank})
+                    next_beat = now + env.heartbeat_interval
+                events = dict(poller.poll(min(0.1, env.heartbeat_interval) * 1000))
+                if self.sched in events:
+                    last_sched = time.monotonic()
+                    self._from_scheduler()
+                elif time.monotonic() - last_sched > env.heartbeat_timeout:
+                    log.error("server %d: the scheduler at %s stopped: no heartbeat reply for %.1f s (limit "
+                              "KVFRAME_HEARTBEAT_TIMEOUT=%g s)", self.rank, env.scheduler_addr,
+                              time.monotonic() - last_sched, env.heartbeat_timeout)
+                    self.exit_code = 1
+                if self.sock in events:
+                    for _ in range(64):  # serve a burst, then look at the scheduler again
+                        try:
+                            ident, h, frames = self.transport.recv(self.sock, router=True)
+                        except zmq.Again:
+                            break
+                        except BadMessage as exc:
+                            self.stats["dropped"] += 1
+                            log.warning("server %d dropped a message: %s", self.rank, exc)
+                        else:
+                            self.handle(ident, h, frames)
+                        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            break
+        finally:
+            try:
+                if self.exit_code == 0:
+                    self.transport.send(self.sched, {"op": "bye", "role": "server", "rank": self.rank})
+            finally:
+                self.sock.close(linger=1000)
+                self.sched.close(linger=1000)
+                self.transport.close()
+        return self.exit_code
+
+    def _from_scheduler(self) -> None:
+        while self.sched.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                _, h, _ = self.transport.recv(self.sched)
+            except BadMessage as exc:
+                log.warning("server %d dropped a message from the scheduler: %s", self.rank, exc)
+                continue
+            if h["op"] == "stop":
+                log.info("server %d: every worker finished; stopping", self.rank)
+                self.exit_code = 0
+            elif h["op"] == "dead":
+                log.error("server %d: %s; stopping", self.rank, h.get("msg"))
+                self.exit_code = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="kvframe server: %(message)s", stream=sys.stderr)
+    load_extra_plugins()
+    env = node_env("server")
+    return Server(env).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,631 @@
+"""The worker side of ``dist_sync``, ``dist_device_sync`` and ``dist_async``.
+
+A call sends one message per server holding any of its keys (all the call's key shards batched),
+then gathers the replies: no per-key round trips.  Large frames go out without a copy; ``push``
+returns once zmq is done with the caller's memory.  A pull after a push is answered by the
+server when that push's round completes, so ``pushpull`` is one round trip.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import zmq
+from kvframe_local.reduce import Reducer, sum_row_sparse
+from pydantic import Field
+
+from kvframe import plugins
+from kvframe.arrays import RowSparseArray, array_module
+from kvframe.config import StoreConfig, validate_plugin_config
+from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError
+from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
+from kvframe_dist.env import NodeEnv, node_env, role_from_env
+from kvframe_dist.node import Heartbeat, register
+from kvframe_dist.proto import Shard, dtype_name, pack_states, plan, unpack_states
+from kvframe_dist.transport import BadMessage, ZmqTransport
+
+log = logging.getLogger("kvframe_dist.worker")
+
+
+class DistConfig(StoreConfig):
+    timeout: float | None = Field(None, gt=0, description="seconds any wait may take (default KVFRAME_TIMEOUT or "
+                                                          "120)")
+    bigarray_bound: int | None = Field(None, ge=1, description="arrays of at least this many elements are split over "
+                                                               "all servers (default 1,000,000 or "
+                                                               "KVFRAME_BIGARRAY_BOUND)")
+    transport: str = Field("zmq", description="the transport plugin")
+    reduce_threads: int | None = Field(None, ge=1, le=256, description="threads for the local reduce")
+
+
+class DistSyncConfig(DistConfig):
+    type: Literal["dist_sync"] = "dist_sync"
+
+
+class DistDeviceSyncConfig(DistConfig):
+    type: Literal["dist_device_sync"] = "dist_device_sync"
+
+
+class DistAsyncConfig(DistConfig):
+    type: Literal["dist_async"] = "dist_async"
+
+
+@dataclass
+class KeyInfo:
+    kid: int
+    name: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    shards: list[Shard]
+    sparse: bool
+
+
+class Request:
+    __slots__ = ("rid", "server", "what", "on_data", "done", "error", "result")
+
+    def __init__(self, rid: int, server: int, what: str, on_data: Any = None):
+        self.rid, self.server, self.what, self.on_data = rid, server, what, on_data
+        self.done = False
+        self.error: str | None = None
+        self.result: Any = None
+
+
+class DistHandle(Handle):
+    def __init__(self, store: DistStore, reqs: list[Request], what: str, finish: Any = None):
+        self._store, self._reqs, self._what, self._finish = store, reqs, what, finish
+        self._finished = False
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._finished:
+            return
+        self._store._wait(self._reqs, self._what, timeout)
+        self._finished = True
+        if self._finish is not None:
+            self._finish()
+
+    def done(self) -> bool:
+        if not self._finished:
+            self._store._drain(0)
+        return self._finished or all(r.done for r in self._reqs)
+
+
+def _as_host(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def _run_role_if_not_worker() -> None:
+    """MXNet launch setups run the same script for every role: a server or scheduler that
+    creates a dist store serves instead, then exits (as ``import mxnet`` did)."""
+    role = role_from_env()
+    if role == "server":
+        from kvframe_dist.server import main
+        sys.exit(main())
+    if role == "scheduler":
+        from kvframe_dist.scheduler import main
+        sys.exit(main())
+
+
+class DistStore(StoreBackend):
+    capabilities = frozenset({"optimizer", "compression", "row_sparse"})
+    sync = True
+    device_reduce = False
+
+    def __init__(self, config: DistConfig, env: NodeEnv | None = None):
+        super().__init__(config)
+        if env is None:
+            _run_role_if_not_worker()
+            env = node_env("worker")
+        self.env = env
+        self.timeout = config.timeout or DEFAULT_TIMEOUT
+        self.bound = config.bigarray_bound or env.bigarray_bound
+        tconf = validate_plugin_config("transports", {"type": config.transport}, "transport")
+        self.transport: ZmqTransport = plugins.create("transports", tconf).with_secret(env.secret)
+        self.reducer = Reducer(config.reduce_threads, self.bound)
+        self._closed = False
+        self._failure: str | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Request] = {}
+        self._late_errors: list[str] = []
+        self._keys: dict[Any, KeyInfo] = {}
+        self._str_ids: dict[str, int] = {}
+        self._buffers: dict[int, np.ndarray] = {}
+        self._residuals: dict[tuple[int, int], Any] = {}
+        self._compressor: Any = None
+        self._hb: Heartbeat | None = None
+        self.sched = self.transport.dealer(env.scheduler_addr)
+        try:
+            welcome = register(self.transport, self.sched, env, "worker")
+        except BaseException:
+            self.sched.close(linger=0)
+            self.transport.close()
+            raise
+        self._rank = int(welcome["rank"])
+        self._num_workers = int(welcome["num_workers"])
+        self.server_addrs: list[str] = list(welcome["servers"])
+        ident = f"w{self._rank}".encode()
+        self.servers = [self.transport.dealer(a, identity=ident) for a in self.server_addrs]
+        self._poller = zmq.Poller()
+        for s in self.servers:
+            self._poller.register(s, zmq.POLLIN)
+        self._sock_index = {s: i for i, s in enumerate(self.servers)}
+        self._hb = Heartbeat(self.transport, env, "worker", self._rank)
+        self._hb.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    # identity -------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    # messaging ------------------------------------------------------------------------------
+    def _check_failure(self) -> None:
+        if self._failure is None and self._hb is not None and self._hb.failure is not None:
+            self._failure = self._hb.failure
+        if self._failure is not None:
+            raise RemoteError(f"worker {self._rank}: {self._failure}")
+        if self._closed:
+            raise RemoteError(f"worker {self._rank}: the store is closed")
+
+    def _raise_late_errors(self) -> None:
+        if self._late_errors:
+            errs, self._late_errors = self._late_errors, []
+            raise RemoteError("; ".join(errs))
+
+    def _send(self, server: int, header: dict, frames: list = (), what: str = "", on_data: Any = None,
+              track: list | None = None) -> Request:
+        rid = next(self._ids)
+        req = Request(rid, server, what or header["op"], on_data)
+        self._pending[rid] = req
+        header["id"] = rid
+        trackers = self.transport.send(self.servers[server], header, frames, track=track is not None)
+        if track is not None:
+            track.extend(trackers)
+        return req
+
+    def _drain(self, timeout_ms: float) -> None:
+        """Handle every reply that is there (waiting up to ``timeout_ms`` for the first)."""
+        events = self._poller.poll(timeout_ms)
+        for sock, _ in events:
+            server = self._sock_index[sock]
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    _, h, frames = self.transport.recv(sock)
+                except BadMessage as exc:
+                    log.warning("worker %d dropped a message from server %d: %s", self._rank, server, exc)
+                    continue
+                req = self._pending.pop(h.get("id"), None)
+                if req is None:
+                    log.warning("worker %d: a reply from server %d answers no request (%s)", self._rank, server,
+                                h.get("op"))
+                    continue
+                if h["op"] == "error":
+                    req.error = str(h.get("msg"))
+                    if req.on_data is None and req.what.startswith("push"):
+                        self._late_errors.append(f"{req.what} failed: {req.error}")
+                elif req.on_data is not None:
+                    try:
+                        req.on_data(h, frames)
+                    except Exception as exc:  # a reply that does not fit what was asked
+                        req.error = f"bad reply from server {server} at {self.server_addrs[server]}: {exc}"
+                else:
+                    req.result = h
+                req.done = True
+
+    def _wait(self, reqs: list[Request], what: str, timeout: float | None = None) -> None:
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not all(r.done for r in reqs):
+            self._check_failure()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted({r.server for r in reqs if not r.done})
+                where = ", ".join(f"server {s} at {self.server_addrs[s]}" for s in missing)
+                raise KVTimeoutError(f"worker {self._rank}: timed out after {limit:g} s waiting for {where} to answer "
+                                     f"{what}" + (" (in sync mode a round needs every worker's push)"
+                                                  if self.sync and "pull" in what else ""))
+            self._drain(min(left, 0.1) * 1000)
+        errors = [r.error for r in reqs if r.error]
+        if errors:
+            self._raise_late_errors_silently()
+            raise RemoteError(f"worker {self._rank}: {what} failed: " + "; ".join(dict.fromkeys(errors)))
+
+    def _raise_late_errors_silently(self) -> None:
+        self._late_errors = []
+
+    def _wait_trackers(self, trackers: list, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        for t in trackers:
+            while not t.done:
+                self._check_failure()
+                if time.monotonic() > deadline:
+                    raise KVTimeoutError(f"worker {self._rank}: timed out after {self.timeout:g} s sending {what}")
+                try:
+                    t.wait(0.1)
+                except zmq.NotDone:
+                    pass
+
+    def _flush(self, what: str) -> None:
+        """Wait for every outstanding request (push acknowledgements)."""
+        if self._pending:
+            self._wait(list(self._pending.values()), what)
+        self._raise_late_errors()
+
+    def _to_scheduler(self, header: dict, what: str, timeout: float | None = None) -> dict:
+        rid = next(self._ids)
+        header["id"] = rid
+        self.transport.send(self.sched, header)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            self._check_failure()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KVTimeoutError(f"worker {self._rank}: timed out after {limit:g} s waiting for {what} (scheduler "
+                                     f"at {self.env.scheduler_addr})")
+            if not self.sched.poll(min(left, 0.1) * 1000):
+                continue
+            try:
+                _, h, _ = self.transport.recv(self.sched)
+            except BadMessage as exc:
+                log.warning("worker %d dropped a message from the scheduler: %s", self._rank, exc)
+                continue
+            if h["op"] == "dead":
+                self._failure = f"kvframe dist: {h.get('msg')}"
+                self._check_failure()
+            if h.get("id") != rid:
+                continue
+            if h["op"] == "error":
+                raise RemoteError(f"worker {self._rank}: {what} failed: {h.get('msg')}")
+            return h
+
+    # keys -----------------------------------------------------------------------------------
+    def _info(self, key: Any) -> KeyInfo:
+        return self._keys[key]
+
+    def _new_info(self, key: Any, value: Any) -> KeyInfo:
+        if isinstance(key, str):
+            kid = self._str_ids.setdefault(key, len(self._str_ids))
+        else:
+            kid = key
+        shape = tuple(int(s) for s in value.shape)
+        dtype = np.dtype(value.dtype)
+        dtype_name(dtype)
+        return KeyInfo(kid, key, shape, dtype, plan(kid, shape, self.num_servers, self.bound),
+                       isinstance(value, RowSparseArray))
+
+    # data -----------------------------------------------------------------------------------
+    def init(self, keys: list, values: list) -> None:
+        self._check_failure()
+        infos = [self._new_info(k, v) for k, v in zip(keys, values)]
+        if self._rank == 0:
+            per_server: dict[int, tuple[list, list]] = {}
+            for info, v in zip(infos, values):
+                dense = v.todense() if isinstance(v, RowSparseArray) else v
+                flat = np.ascontiguousarray(_as_host(dense)).reshape(-1)
+                for sh in info.shards:
+                    items, frames = per_server.setdefault(sh.server, ([], []))
+                    items.append([info.kid, sh.part, info.dtype.name, list(sh.shape),
+                                  info.name if isinstance(info.name, str) else None])
+                    frames.append(flat[sh.lo:sh.hi])
+            reqs = [self._send(s, {"op": "init", "items": it}, fr, what=f"init of keys {keys!r}")
+                    for s, (it, fr) in per_server.items()]
+            self._wait(reqs, f"init of keys {keys!r}")
+        for k, info in zip(keys, infos):
+            self._keys[k] = info
+        self.barrier(what=f"the barrier after init of keys {keys!r}")
+
+    def _reduced(self, info: KeyInfo, vals: list) -> Any:
+        """One host array (or RowSparseArray) holding the sum of a key's pushed values."""
+        if all(isinstance(v, RowSparseArray) for v in vals):
+            merged = sum_row_sparse(vals)
+            if array_module(merged.data) is not np:
+                merged = RowSparseArray(merged.data.get(), merged.indices.get(), merged.shape)
+            return merged
+        vals = [v.todense() if isinstance(v, RowSparseArray) else v for v in vals]
+        if len(vals) == 1:
+            v = _as_host(vals[0])
+            return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+        if self.device_reduce and array_module(vals[0]) is not np:
+            xp = array_module(vals[0])
+            dev = xp.empty(info.shape, info.dtype)
+            self.reducer.sum_into(dev, vals)  # sum on the device, then one copy to the host
+            return dev.get()
+        buf = self._buffers.get(info.kid)
+        if buf is None:
+            buf = self._buffers[info.kid] = np.empty(info.shape, info.dtype)
+        return self.reducer.sum_into(buf, [_as_host(v) for v in vals])
+
+    def _push_items(self, keys: list, values: list[list]) -> dict[int, tuple[list, list]]:
+        grouped: dict = {}
+        for k, vals in zip(keys, values):
+            grouped.setdefault(k, []).extend(vals)
+        per_server: dict[int, tuple[list, list]] = {}
+        for k, vals in grouped.items():
+            info = self._info(k)
+            merged = self._reduced(info, vals)
+            if isinstance(merged, RowSparseArray):
+                for sh in info.shards:
+                    sel = (merged.indices >= sh.row_lo) & (merged.indices < sh.row_hi)
+                    rows = np.ascontiguousarray(merged.indices[sel] - sh.row_lo, dtype=np.int64)
+                    data = np.ascontiguousarray(merged.data[sel])
+                    items, frames = per_server.setdefault(sh.server, ([], []))
+                    items.append([info.kid, sh.part, "rsp"])
+                    frames.extend([rows, data.reshape(-1)])
+                continue
+            flat = merged.reshape(-1)
+            for sh in info.shards:
+                items, frames = per_server.setdefault(sh.server, ([], []))
+                part = flat[sh.lo:sh.hi]
+                if self._compressor is not None:
+                    res = self._residuals.get((info.kid, sh.part))
+                    if res is None:
+                        res = self._residuals[(info.kid, sh.part)] = np.zeros(sh.hi - sh.lo, info.dtype)
+                    payload = np.ascontiguousarray(_as_host(self._compressor.encode(part, res)))
+                    items.append([info.kid, sh.part, "comp", dtype_name(payload.dtype)])
+                    frames.append(payload.reshape(-1))
+                else:
+                    items.append([info.kid, sh.part, "raw"])
+                    frames.append(part)
+        return per_server
+
+    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+        self._check_failure()
+        self._raise_late_errors()
+        per_server = self._push_items(keys, values)
+        trackers: list = []
+        what = f"push of keys {keys!r}"
+        for s, (items, frames) in per_server.items():
+            self._send(s, {"op": "push", "items": items, "sync": self.sync}, frames, what=what, track=trackers)
+        self._wait_trackers(trackers, what)
+        if len(self._pending) > 4096:  # bound the acknowledgements in flight
+            self._drain(0)
+
+    def _placer(self, targets: list[tuple[KeyInfo, Shard, list]]):
+        """Reply handler writing each item's frame into the flat views of its outputs."""
+        def on_data(h: dict, frames: list) -> None:
+            if len(frames) != len(targets):
+                raise ValueError(f"{len(frames)} frames for {len(targets)} items")
+            for (info, sh, views), frame in zip(targets, frames):
+                arr = np.frombuffer(frame.buffer, dtype=info.dtype)
+                if arr.size != sh.hi - sh.lo:
+                    raise ValueError(f"key {info.name!r}: {arr.size} values for a shard of {sh.hi - sh.lo}")
+                for v in views:
+                    np.copyto(v[sh.lo:sh.hi], arr)
+        return on_data
+
+    def _outs_plan(self, keys: list, outs: list[list]) -> tuple[list, list]:
+        """Per key: the flat host views replies are written into, and copies to make afterwards
+        (outputs that are not C-contiguous numpy arrays get a staging buffer)."""
+        views_per_key, after = [], []
+        for k, os_ in zip(keys, outs):
+            info = self._info(k)
+            views = []
+            staging = None
+            for o in os_:
+                if isinstance(o, np.ndarray) and o.flags.c_contiguous and o.flags.writeable:
+                    views.append(o.reshape(-1))
+                else:
+                    if staging is None:
+                        staging = np.empty(info.shape, info.dtype)
+                        views.append(staging.reshape(-1))
+                    after.append((o, staging))
+            views_per_key.append(views)
+        return views_per_key, after
+
+    @staticmethod
+    def _copy_after(after: list) -> None:
+        for o, staging in after:
+            if isinstance(o, RowSparseArray):  # pull(ignore_sparse=False): every row
+                o.data, o.indices = staging.copy(), np.arange(staging.shape[0], dtype=np.int64)
+            elif isinstance(o, np.ndarray):
+                o[...] = staging
+            else:
+                o.set(staging) if hasattr(o, "set") else o.__setitem__(Ellipsis, staging)
+
+    def _requests_for(self, op: str, keys: list, outs: list[list], per_server_push: dict | None,
+                      what: str) -> tuple[list[Request], list]:
+        views_per_key, after = self._outs_plan(keys, outs)
+        targets: dict[int, list] = {}
+        items: dict[int, list] = {}
+        seen = set()
+        for k, views in zip(keys, views_per_key):
+            info = self._info(k)
+            if op == "pull":
+                if k in seen:  # a key pulled twice in one call: one request, both outputs
+                    for t in targets.values():
+                        for ti in t:
+                            if ti[0] is info:
+                                ti[2].extend(views)
+                    continue
+                seen.add(k)
+            for sh in info.shards:
+                targets.setdefault(sh.server, []).append((info, sh, views))
+                items.setdefault(sh.server, []).append([info.kid, sh.part])
+        reqs = []
+        for s in targets:
+            if per_server_push is not None:
+                pitems, frames = per_server_push.get(s, ([], []))
+                header = {"op": "pushpull", "items": pitems, "sync": self.sync}
+            else:
+                header, frames = {"op": "pull", "items": items[s]}, []
+            reqs.append(self._send(s, header, frames, what=what, on_data=self._placer(targets[s])))
+        return reqs, after
+
+    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+        self._check_failure()
+        what = f"pull of keys {keys!r}"
+        reqs, after = self._requests_for("pull", keys, outs, None, what)
+        return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
+
+    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        self._check_failure()
+        self._raise_late_errors()
+        if len(set(keys)) != len(keys):  # repeated keys: sum first, then one pull per key
+            self.push(keys, values, priority)
+            return self.pull(keys, outs, priority)
+        per_server = self._push_items(keys, values)
+        what = f"pushpull of keys {keys!r}"
+        # every server holding a pushed shard also answers with its values
+        reqs, after = self._requests_for("pushpull", keys, outs, per_server, what)
+        return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
+
+    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        self.init(keys, [v[0] for v in values])
+        return self.pull(keys, outs, priority)
+
+    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+        self._check_failure()
+        what = f"row_sparse_pull of keys {keys!r}"
+        reqs = []
+        fills = []
+        for k, os_, ids in zip(keys, outs, row_ids):
+            info = self._info(k)
+            row_size = int(np.prod(info.shape[1:])) if len(info.shape) > 1 else 1
+            for o, r in zip(os_, ids):
+                rows = np.unique(_as_host(r).astype(np.int64, copy=False))
+                parts: list = [None] * len(info.shards)
+                for i, sh in enumerate(info.shards):
+                    sel = rows[(rows >= sh.row_lo) & (rows < sh.row_hi)]
+
+                    def on_data(h, frames, i=i, n=sel.size, info=info, parts=parts, row_size=row_size):
+                        arr = np.frombuffer(frames[0].buffer, dtype=info.dtype)
+                        if len(frames) != 1 or arr.size != n * row_size:
+                            raise ValueError(f"key {info.name!r}: {arr.size} values for {n} rows")
+                        parts[i] = arr.reshape((n,) + info.shape[1:])
+                    reqs.append(self._send(sh.server, {"op": "rsp_pull", "items": [[info.kid, sh.part]]},
+                                           [np.ascontiguousarray(sel - sh.row_lo)], what=what, on_data=on_data))
+                fills.append((o, rows, parts))
+
+        def finish():
+            for o, rows, parts in fills:
+                data = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+                xp = array_module(o.data)
+                o.data = data if xp is np else xp.asarray(data)
+                o.indices = rows if xp is np else xp.asarray(rows)
+        return DistHandle(self, reqs, what, finish)
+
+    # updates --------------------------------------------------------------------------------
+    def _all_servers(self, header: dict, what: str, frames_per_server: list | None = None) -> list[Request]:
+        reqs = [self._send(s, dict(header), frames_per_server[s] if frames_per_server else [], what=what,
+                           on_data=(lambda h, f: None) if header["op"] != "get_states" else None)
+                for s in range(self.num_servers)]
+        self._wait(reqs, what)
+        return reqs
+
+    def set_updater(self, updater: Any) -> None:
+        raise NotSupportedError("dist stores run the optimizer on the servers, which cannot receive a Python updater "
+                                "(nothing is pickled): use set_optimizer with an optimizer name or config")
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        self._check_failure()
+        config = getattr(optimizer, "config", None)
+        if config is None or not hasattr(config, "model_dump_json"):
+            raise NotSupportedError("dist stores send the optimizer's validated config to the servers; this optimizer "
+                                    f"object ({type(optimizer).__name__}) has no pydantic .config")
+        if self._rank == 0:
+            self._all_servers({"op": "set_optimizer", "config": config.model_dump_json()}, "set_optimizer")
+        if not self.sync:
+            self.barrier(what="the barrier after set_optimizer")
+
+    def set_gradient_compression(self, compressor: Any) -> None:
+        self._check_failure()
+        self._compressor = compressor
+        self._residuals.clear()
+        if self._rank == 0:
+            self._all_servers({"op": "set_compression", "config": compressor.config.model_dump_json()},
+                              "set_gradient_compression")
+        self.barrier(what="the barrier after set_gradient_compression")
+
+    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
+        self._check_failure()
+        self._flush("the pushes before save_optimizer_states")
+        reqs = [self._send(s, {"op": "get_states", "dump_optimizer": dump_optimizer}, what="save_optimizer_states",
+                           on_data=lambda h, f: None) for s in range(self.num_servers)]
+        blobs: list[bytes] = [b""] * self.num_servers
+        for r in reqs:
+            r.on_data = (lambda h, f, s=r.server: blobs.__setitem__(s, f[0].bytes))
+        self._wait(reqs, "save_optimizer_states (gathering every server's states)")
+        return pack_states(blobs, {"store": type(self).__name__, "num_servers": self.num_servers})
+
+    def set_optimizer_states(self, data: bytes) -> None:
+        self._check_failure()
+        meta, blobs = unpack_states(data)
+        if len(blobs) != self.num_servers:
+            raise ValueError(f"the optimizer states were saved from {len(blobs)} servers; this job has "
+                             f"{self.num_servers}: restart with the same number of servers")
+        self._flush("the pushes before load_optimizer_states")
+        self._all_servers({"op": "set_states"}, "load_optimizer_states", [[b] for b in blobs])
+
+    # control --------------------------------------------------------------------------------
+    def barrier(self, timeout: float | None = None, what: str = "the barrier") -> None:
+        self._check_failure()
+        self._flush(f"the pushes before {what}")
+        self._to_scheduler({"op": "barrier"}, f"{what} (every worker must reach it)", timeout)
+
+    def send_command_to_servers(self, head: int, body: str) -> None:
+        self._check_failure()
+        self._all_servers({"op": "command", "head": head, "body": body}, f"command {head} to the servers")
+
+    def server_stats(self) -> list[dict]:
+        """Each server's counters (pushes, pulls, dropped messages, errors, commands, optimizer)."""
+        reqs = [self._send(s, {"op": "stats"}, what="stats") for s in range(self.num_servers)]
+        self._wait(reqs, "server stats")
+        return [r.result["stats"] for r in reqs]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._failure is None and (self._hb is None or self._hb.failure is None):
+                try:
+                    self._flush("the pushes before close")
+                except Exception as exc:
+                    log.warning("worker %d: %s", self._rank, exc)
+                self._to_scheduler({"op": "bye", "role": "worker", "rank": self._rank}, "close",
+                                   timeout=min(self.timeout, 30))
+        except Exception as exc:
+            log.warning("worker %d: close: %s", self._rank, exc)
+        finally:
+            self._closed = True
+            if self._hb is not None:
+                self._hb.stop()
+                self._hb.join(5)
+            for s in self.servers:
+                s.close(linger=0)
+            self.sched.close(linger=1000)
+            self.reducer.close()
+            self.transport.close()
+
+
+class DistSyncStore(DistStore):
+    sync = True
+
+
+class DistDeviceSyncStore(DistStore):
+    sync = True
+    device_reduce = True
+
+
+class DistAsyncStore(DistStore):
+    sync = False
+
+
+__all__ = ["DistStore", "DistSyncStore", "DistDeviceSyncStore", "DistAsyncStore", "DistSyncConfig",
+           "DistDeviceSyncConfig", "DistAsyncConfig", "json"]
