@@ -85,16 +85,18 @@ void kvf_decode_1bit(const unsigned char* __restrict__ in, float* __restrict__ o
 }
 """
 
-_module = None
+_modules: dict = {}
 _THREADS = 256
 
 
 def _kernel(name: str) -> Any:
-    global _module
-    if _module is None:
-        # no fast-math: plain IEEE float32 arithmetic, as on the CPU
-        _module = cupy.RawModule(code=_SOURCE, options=("--fmad=false",))
-    return _module.get_function(name)
+    """The kernel compiled for the current device (one module per device)."""
+    dev = cupy.cuda.Device().id
+    module = _modules.get(dev)
+    if module is None:
+        # no fast-math, no contraction: plain IEEE float32 arithmetic, as on the CPU
+        module = _modules[dev] = cupy.RawModule(code=_SOURCE, options=("--fmad=false",))
+    return module.get_function(name)
 
 
 def _grid(count: int) -> tuple[int]:
@@ -111,8 +113,14 @@ def _check_residual(residual: Any) -> Any:
     return residual
 
 
+def _same_device(a: Any, b: Any, what: str) -> None:
+    if a.device.id != b.device.id:
+        raise ValueError(f"{what} must be on the same GPU: got devices {a.device.id} and {b.device.id}")
+
+
 def _encode(name: str, grad: Any, residual: Any, t: np.float32, nbytes: int) -> Any:
     r = _check_residual(residual)
+    _same_device(grad, residual, "the gradient and its residual")
     with grad.device:
         g = _contig(grad)
         out = cupy.empty(nbytes, cupy.uint8)
@@ -129,7 +137,8 @@ def encode_1bit(grad: Any, residual: Any, t: np.float32, nbytes: int) -> Any:
     return _encode("kvf_encode_1bit", grad, residual, t, nbytes)
 
 
-def _decode(out: Any, launch) -> Any:
+def _decode(payload: Any, out: Any, launch) -> Any:
+    _same_device(payload, out, "the payload and the output")
     with out.device:
         target = out if out.flags.c_contiguous else cupy.ascontiguousarray(out)
         if target.size:
@@ -144,7 +153,7 @@ def decode_2bit(payload: Any, out: Any, t: np.float32, accumulate: bool) -> Any:
         _kernel("kvf_decode_2bit")(_grid(o.size), (_THREADS,),
                                    (_contig(payload), o, np.int64(o.size), np.float32(t), np.int32(accumulate)))
 
-    return _decode(out, launch)
+    return _decode(payload, out, launch)
 
 
 def decode_1bit(payload: Any, out: Any, accumulate: bool) -> Any:
@@ -152,4 +161,4 @@ def decode_1bit(payload: Any, out: Any, accumulate: bool) -> Any:
         _kernel("kvf_decode_1bit")(_grid(o.size), (_THREADS,),
                                    (_contig(payload), o, np.int64(o.size), np.int32(accumulate)))
 
-    return _decode(out, launch)
+    return _decode(payload, out, launch)

@@ -58,7 +58,7 @@ class TopK(BaseCompressor):
         idt = np.dtype(self._index_dtype(n))
         out = xp.empty(k * (idt.itemsize + r.dtype.itemsize), np.uint8)
         out[: k * idt.itemsize].view(idt)[...] = idx.astype(idt)
-        out[k * idt.itemsize:].view(r.dtype)[...] = vals
+        out[k * idt.itemsize:] = vals.view(np.uint8)  # byte copy: the values may sit unaligned
         return out
 
     def split_payload(self, payload: Any, size: int, dtype: Any) -> tuple[Any, Any]:
