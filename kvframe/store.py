@@ -464,7 +464,13 @@ class KVStore:
         Path(fname).write_bytes(data)
 
     def load_optimizer_states(self, fname: str | os.PathLike) -> None:
-        self._backend.set_optimizer_states(Path(fname).read_bytes())
+        """Load states written by :meth:`save_optimizer_states`. States of another optimizer, or
+        for other shapes than the keys hold, are refused before anything changes."""
+        data = Path(fname).read_bytes()
+        check = getattr(self._optimizer, "check_states", None)
+        if check is not None:  # the optimizer can tell whether the states fit the keys here
+            check(data, {k: (m.shape, m.dtype) for k, m in self._meta.items()})
+        self._backend.set_optimizer_states(data)
 
     # control --------------------------------------------------------------------------------
     def barrier(self, timeout: float | None = None) -> None:
