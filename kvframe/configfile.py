@@ -335,10 +335,13 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
                          app=dict(sections.app), source=source, overrides=used)
 
 
-def create_from_config(config: str | os.PathLike | Mapping[str, Any] | None = None) -> Any:
+def create_from_config(config: str | os.PathLike | Mapping[str, Any] | KVFrameConfig | None = None) -> Any:
     """Create a :class:`kvframe.KVStore` from a TOML/YAML file or a dict, with ``KVFRAME_...``
     environment overrides; with no argument, from ``$KVFRAME_CONFIG`` (or the defaults: store
-    'local').  Every section is validated before the store is created."""
+    'local'), or from a :class:`KVFrameConfig` that :func:`load_config` returned.  Every section is
+    validated before the store is created."""
+    if isinstance(config, KVFrameConfig):
+        return config.create()
     return load_config(config).create()
 
 

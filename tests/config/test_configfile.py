@@ -341,3 +341,12 @@ def test_env_cannot_descend_into_a_scalar(monkeypatch):
     monkeypatch.setenv("KVFRAME_OPTIMIZER__LEARNING_RATE__X", "1")
     msg = error_of({"optimizer": {"type": "cfgtest_sgd", "learning_rate": 0.1}})
     assert "KVFRAME_OPTIMIZER__LEARNING_RATE__X: cannot set optimizer.learning_rate.x" in msg
+
+
+def test_a_loaded_config_can_be_adjusted_then_created(cfgtest_plugin):
+    cfg = load_config({"store": "cfgtest_store", "optimizer": {"type": "cfgtest_sgd"}})
+    cfg.optimizer.learning_rate = 0.5  # validated on assignment
+    with pytest.raises(Exception, match="greater than 0"):
+        cfg.optimizer.learning_rate = -1.0
+    kv = kvframe.create_from_config(cfg)
+    assert kv.optimizer.config.learning_rate == 0.5
