@@ -364,7 +364,8 @@ class Server:
         self._reply(ident, {"op": "ok", "id": rid})
 
     def _stats(self, ident: bytes, rid: Any) -> None:
-        info = {**self.stats, "rank": self.rank, "keys": len(self.shards), "commands": self.commands,
+        info = {**self.stats, "rank": self.rank, "pid": os.getpid(), "addr": self.addr, "keys": len(self.shards),
+                "commands": self.commands,
                 "optimizer": self.optimizer_config,
                 "compression": None if self.compressor is None else self.compressor.config.model_dump_json(),
                 "elements": int(sum(s.data.size for s in self.shards.values()))}

@@ -115,6 +115,7 @@ def _run_role_if_not_worker() -> None:
 
 class DistStore(StoreBackend):
     capabilities = frozenset({"optimizer", "compression", "row_sparse"})
+    own_states_format = True  # save/load_optimizer_states: a container of every server's states
     sync = True
     device_reduce = False
 
@@ -243,11 +244,9 @@ class DistStore(StoreBackend):
             self._drain(min(left, 0.1) * 1000)
         errors = [r.error for r in reqs if r.error]
         if errors:
-            self._raise_late_errors_silently()
+            self._late_errors = []
             raise RemoteError(f"worker {self._rank}: {what} failed: " + "; ".join(dict.fromkeys(errors)))
-
-    def _raise_late_errors_silently(self) -> None:
-        self._late_errors = []
+        self._raise_late_errors()  # an earlier push that failed shows at the next wait
 
     def _wait_trackers(self, trackers: list, what: str) -> None:
         deadline = time.monotonic() + self.timeout

@@ -1,0 +1,256 @@
+"""Real jobs on loopback: scheduler, servers and workers as processes started by kvframe-launch."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import assert_ok, run_job
+
+pytestmark = pytest.mark.dist
+
+
+def _have(kind: str, name: str) -> bool:
+    from kvframe import plugins
+
+    return name in plugins.names(kind)
+
+
+def test_sync_sums_pushes_with_exact_values(tmp_path):
+    job = run_job(tmp_path, """
+        # init is collective with rank 0's value
+        kv.init(3, np.full((4, 5), 10.0 + rank, np.float32))
+        kv.init([5, 9], [np.zeros(10, np.float32), np.zeros((600, 3), np.float32)])  # 9 is split (bound 1000)
+        out = np.empty((4, 5), np.float32)
+        kv.pull(3, out=out)
+        assert (out == 10).all(), out
+        for r in range(3):
+            kv.push(3, np.full((4, 5), rank + 1.0 + r, np.float32))
+            kv.pull(3, out=out)
+            assert (out == 3 + 2 * r).all(), (r, out)      # (1+r) + (2+r): summed, not averaged
+            # a list of per-device values is summed on the worker first
+            kv.push([5, 9], [[np.full(10, 1.0, np.float32), np.full(10, 2.0, np.float32)],
+                             np.arange(1800, dtype=np.float32).reshape(600, 3) * (rank + 1)])
+            o = [np.empty(10, np.float32), np.empty((600, 3), np.float32)]
+            kv.pull([5, 9], out=o)
+            assert (o[0] == 6).all(), o[0]
+            assert np.array_equal(o[1], np.arange(1800, dtype=np.float32).reshape(600, 3) * 3)
+            v = np.full(10, 0.5 * (rank + 1), np.float32)
+            kv.pushpull(5, v)                                 # out=None writes into value
+            assert (v == 1.5).all(), v
+        # a pull into several outputs, and a non-contiguous output
+        outs = [np.empty((4, 5), np.float32), np.empty((5, 4), np.float32).T]
+        kv.pull(3, out=outs)
+        assert all((x == 7).all() for x in outs)
+        # broadcast: rank 0's value reaches everyone
+        b = np.empty(7, np.float64)
+        kv.broadcast(11, np.full(7, 42.0 + rank), out=b)
+        assert (b == 42).all(), b
+        stats = kv.backend.server_stats()
+        assert sum(s["elements"] for s in stats) == 20 + 10 + 1800 + 7, stats
+        assert all(s["errors"] == 0 and s["dropped"] == 0 for s in stats), stats
+        kv.barrier()
+        print("DONE")
+        kv.close()
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("optimizers", "sgd"), reason="kvframe_optimizers' sgd is not installed")
+def test_sync_with_sgd_on_servers(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(0, np.zeros(8, np.float32))
+        kv.init(1, np.zeros(3000, np.float32))       # split over both servers
+        kv.set_optimizer("sgd", learning_rate=0.1)
+        out = np.empty(8, np.float32)
+        big = np.empty(3000, np.float32)
+        for step in range(1, 4):
+            kv.push([0, 1], [np.ones(8, np.float32), np.ones(3000, np.float32)])
+            kv.pull([0, 1], out=[out, big])
+            want = np.float32(0)
+            for _ in range(step):
+                want = np.float32(want - np.float32(0.1) * np.float32(2))
+            assert (out == want).all() and (big == want).all(), (step, out, big[:3])
+        assert abs(float(out[0]) + 0.6) < 1e-6
+        stats = kv.backend.server_stats()
+        assert all(json.loads(s["optimizer"])["type"] == "sgd" for s in stats)
+        print("DONE")
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("optimizers", "sgd"), reason="kvframe_optimizers' sgd is not installed")
+def test_async_applies_each_push_and_needs_an_optimizer(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(0, np.zeros(4, np.float32))
+        if rank == 0:
+            kv.push(0, np.ones(4, np.float32))
+            exc = expect_raises(RemoteError, kv.pull, 0, out=np.empty(4, np.float32), match="needs an optimizer")
+            print("refused:", exc)
+        kv.barrier()
+        kv.set_optimizer("sgd", learning_rate=0.5)
+        for _ in range(3):
+            kv.push(0, np.ones(4, np.float32))
+        kv.barrier()
+        out = np.empty(4, np.float32)
+        kv.pull(0, out=out)
+        assert (out == -3.0).all(), out    # 2 workers x 3 pushes, each applied at once: -0.5 each
+        print("DONE")
+    """, env={"KVTYPE": "dist_async"})
+    assert_ok(job)
+    assert any("dist_async needs an optimizer" in ln for ln in job.lines("worker 0")), job.out
+
+
+def test_big_array_is_split_evenly_over_servers(tmp_path):
+    job = run_job(tmp_path, """
+        n = 1_500_001
+        kv.init("w", np.zeros(n, np.float32))
+        kv.init("b", np.zeros(10, np.float32))
+        stats = kv.backend.server_stats()
+        sizes = sorted(s["elements"] for s in stats)
+        assert sizes in ([750000, 750011], [750001, 750010]), sizes   # 1,500,001 split in two plus one small key
+        g = np.arange(n, dtype=np.float32) * (1 + rank)
+        out = np.empty(n, np.float32)
+        kv.pushpull("w", g, out=out)
+        assert np.array_equal(out, np.arange(n, dtype=np.float32) * 3)
+        print("DONE")
+    """)
+    assert_ok(job)
+
+
+def test_string_keys_map_to_ints_in_init_order(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(["alpha", "beta"], [np.zeros(3, np.int64), np.ones((2, 2), np.float64)])
+        kv.init("gamma", np.zeros(5, np.float32))
+        assert kv.backend._str_ids == {"alpha": 0, "beta": 1, "gamma": 2}
+        kv.push(["gamma", "alpha"], [np.full(5, 0.25, np.float32), np.array([1, 2, 3]) * (rank + 1)])
+        o1, o2 = np.empty(5, np.float32), np.empty(3, np.int64)
+        kv.pull(["gamma", "alpha"], out=[o1, o2])
+        assert (o1 == 0.5).all() and o2.tolist() == [3, 6, 9], (o1, o2)
+        expect_raises(kvframe.errors.MixedKeyTypesError, kv.push, 1, np.zeros(5, np.float32))
+        print("DONE")
+    """)
+    assert_ok(job)
+
+
+def test_row_sparse_push_and_row_sparse_pull(tmp_path):
+    job = run_job(tmp_path, """
+        from kvframe import RowSparseArray
+        shape = (1000, 4)                      # split over 2 servers (bound 1000)
+        kv.init("emb", np.zeros(shape, np.float32))
+        rows = np.array([1, 500, 999]) if rank == 0 else np.array([1, 2])
+        data = np.ones((rows.size, 4), np.float32) * (rank + 1)
+        kv.push("emb", RowSparseArray(data, rows, shape))
+        kv.barrier()
+        out = RowSparseArray.zeros(shape)
+        kv.row_sparse_pull("emb", out=out, row_ids=np.array([999, 2, 1, 1, 3]))
+        assert out.indices.tolist() == [1, 2, 3, 999], out.indices
+        want = np.array([[3] * 4, [2] * 4, [0] * 4, [1] * 4], np.float32)
+        assert np.array_equal(out.data, want), out.data
+        dense = np.empty(shape, np.float32)
+        kv.pull("emb", out=dense)
+        assert dense.sum() == 4 * (3 + 2 + 1 + 1), dense.sum()
+        print("DONE")
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+
+
+REF_2BIT = """
+def ref_2bit(grad, residual, t):
+    # MXNet's 2bit quantizer with error feedback, element by element in float32
+    r = residual + grad
+    q = np.where(r >= t, np.float32(t), np.where(r <= -t, np.float32(-t), np.float32(0))).astype(np.float32)
+    residual[...] = r - q
+    return q
+"""
+
+
+@pytest.mark.skipif(not _have("compressors", "2bit"), reason="kvframe_compressors is not installed")
+def test_2bit_over_the_wire_equals_reference_quantizer(tmp_path):
+    job = run_job(tmp_path, REF_2BIT + textwrap.dedent("""
+        n = 3001                                    # split over both servers, not a multiple of 16
+        kv.init(0, np.zeros(n, np.float32))
+        kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+        rng = np.random.default_rng(0)
+        grads = [rng.standard_normal((4, n)).astype(np.float32) for _ in range(2)]   # per worker, 4 rounds
+        res = [np.zeros(n, np.float32) for _ in range(2)]
+        out = np.empty(n, np.float32)
+        for r in range(4):
+            kv.push(0, grads[rank][r])
+            kv.pull(0, out=out)
+            want = ref_2bit(grads[0][r], res[0], 0.5) + ref_2bit(grads[1][r], res[1], 0.5)
+            assert np.array_equal(out, want), (r, np.abs(out - want).max())
+        # the device store, with the two workers' gradients as two devices, gives the same
+        if "device" in kvframe.plugins.names("stores"):
+            dev = kvframe.create("device")
+            dev.init(0, np.zeros(n, np.float32))
+            dev.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+            d = np.empty(n, np.float32)
+            for r in range(4):
+                dev.push(0, [grads[0][r], grads[1][r]])
+                dev.pull(0, out=d)
+            assert np.array_equal(d, out), np.abs(d - out).max()
+        stats = kv.backend.server_stats()
+        assert all(json.loads(s["compression"])["type"] == "2bit" for s in stats)
+        print("DONE")
+    """), env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("compressors", "2bit"), reason="kvframe_compressors is not installed")
+def test_pushpull_with_compression(tmp_path):
+    job = run_job(tmp_path, REF_2BIT + textwrap.dedent("""
+        kv.init([0, 1], [np.zeros(100, np.float32), np.zeros(20, np.float32)])
+        kv.set_gradient_compression({"type": "2bit", "threshold": 1.0})
+        res = [np.zeros(100, np.float32) for _ in range(2)]
+        for r in range(3):
+            gs = [np.linspace(-2, 2, 100).astype(np.float32) * (w + 1) for w in range(2)]
+            out = np.empty(100, np.float32)
+            kv.pushpull(0, gs[rank], out=out)
+            want = ref_2bit(gs[0], res[0], 1.0) + ref_2bit(gs[1], res[1], 1.0)
+            assert np.array_equal(out, want), (r, out, want)
+        print("DONE")
+    """))
+    assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("optimizers", "adam"), reason="kvframe_optimizers' adam is not installed")
+def test_distributed_checkpoint_round_trip(tmp_path):
+    ck, wfile, rfile = tmp_path / "states.bin", tmp_path / "weights.npz", tmp_path / "result.npz"
+    train = """
+        g = [np.linspace(0, 1, 3000).astype(np.float32), np.ones(7, np.float32) * (rank + 1)]
+        outs = [np.empty(3000, np.float32), np.empty(7, np.float32)]
+        def steps(k):
+            for _ in range(k):
+                kv.pushpull([0, 1], g, out=outs)
+    """
+    job = run_job(tmp_path, train + f"""
+        kv.init([0, 1], [np.zeros(3000, np.float32), np.zeros(7, np.float32)])
+        kv.set_optimizer("adam", learning_rate=0.01)
+        steps(3)
+        if rank == 0:
+            kv.save_optimizer_states({str(ck)!r})
+            np.savez({str(wfile)!r}, a=outs[0], b=outs[1])
+        kv.barrier()
+        steps(2)
+        if rank == 0:
+            np.savez({str(rfile)!r}, a=outs[0], b=outs[1])
+        print("DONE")
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+    assert ck.read_bytes().startswith(b"KVFDIST1")
+    job = run_job(tmp_path, train + f"""
+        w = np.load({str(wfile)!r})
+        kv.init([0, 1], [w["a"], w["b"]])
+        kv.set_optimizer("adam", learning_rate=0.01)
+        if rank == 0:
+            kv.load_optimizer_states({str(ck)!r})
+        kv.barrier()
+        steps(2)
+        want = np.load({str(rfile)!r})
+        assert np.array_equal(outs[0], want["a"]) and np.array_equal(outs[1], want["b"]), (outs[1], want["b"])
+        # without the states (fresh adam) the result differs: the states mattered
+        print("DONE")
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
