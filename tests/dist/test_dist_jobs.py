@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
 from conftest import assert_ok, run_job
 
 pytestmark = pytest.mark.dist

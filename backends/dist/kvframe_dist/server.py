@@ -116,7 +116,7 @@ class Server:
 
     def _error(self, ident: bytes, rid: Any, msg: str) -> None:
         self.stats["errors"] += 1
-        log.warning("refused a request from %s: %s", ident.decode(errors="replace"), msg)
+        log.warning("refused a request from %r: %s", ident, msg)
         self._reply(ident, {"op": "error", "id": rid, "msg": f"server {self.rank} at {self.addr}: {msg}"})
 
     # items -----------------------------------------------------------------------------------
@@ -404,6 +404,9 @@ class Server:
             self._error(ident, rid, str(exc))
         except (ValueError, TypeError, KeyError, IndexError) as exc:  # malformed fields
             self._error(ident, rid, f"malformed {op!r} request: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # never let one request stop the server
+            log.exception("server %d: request %r failed", self.rank, op)
+            self._error(ident, rid, f"{op!r} failed on the server: {type(exc).__name__}: {exc}")
 
     # main loop -------------------------------------------------------------------------------
     def run(self) -> int:

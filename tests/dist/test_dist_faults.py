@@ -1,0 +1,223 @@
+"""Faults and hostile input: dead nodes are reported within the heartbeat bound, early finishers do
+not deadlock barriers, bad messages leave servers serving, the launcher's exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import HERE, assert_ok, free_port, run_job
+
+pytestmark = pytest.mark.dist
+
+
+def test_killing_a_server_fails_the_workers_within_the_bound(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(0, np.zeros(10, np.float32))           # key 0 lives on server 0
+        stats = kv.backend.server_stats()
+        kv.barrier()
+        if rank == 0:
+            os.kill(stats[0]["pid"], 9)
+        t0 = time.monotonic()
+        out = np.empty(10, np.float32)
+        try:
+            while time.monotonic() - t0 < 25:
+                kv.push(0, np.ones(10, np.float32))
+                kv.pull(0, out=out)
+        except RemoteError as exc:
+            print(f"CAUGHT after {time.monotonic() - t0:.2f} s: {exc}", flush=True)
+            sys.exit(3)
+        print("NOT CAUGHT")
+    """, timeout=60)
+    assert job.rc == 137, job.out                      # the first to fail: server 0, killed by signal 9
+    for r in range(2):
+        caught = [ln for ln in job.lines(f"worker {r}") if ln.startswith("CAUGHT")]
+        assert caught, job.out
+        secs = float(re.search(r"after ([\d.]+) s", caught[0]).group(1))
+        assert secs < 3 + 3, caught                    # heartbeat timeout 3 s, plus slack
+        assert re.search(r"server 0 at tcp://127\.0\.0\.1:\d+ stopped: no heartbeat", caught[0]), caught
+    assert "[kvframe-launch] server 0 exited with status 137" in job.out
+
+
+def test_a_dead_worker_releases_the_others_barrier_with_a_clear_error(tmp_path):
+    job = run_job(tmp_path, """
+        if rank == 1:
+            os._exit(5)                                   # dies without closing
+        t0 = time.monotonic()
+        try:
+            kv.barrier()
+        except RemoteError as exc:
+            print(f"CAUGHT after {time.monotonic() - t0:.2f} s: {exc}", flush=True)
+            sys.exit(4)
+    """, timeout=60)
+    assert job.rc == 5, job.out
+    caught = [ln for ln in job.lines("worker 0") if ln.startswith("CAUGHT")]
+    assert caught and "worker 1" in caught[0] and "stopped" in caught[0], job.out
+
+
+def test_a_worker_that_finished_early_does_not_deadlock_a_barrier(tmp_path):
+    job = run_job(tmp_path, """
+        if rank == 1:
+            kv.close()
+            print("DONE")
+            sys.exit(0)
+        time.sleep(0.5)
+        exc = expect_raises(RemoteError, kv.barrier, match="worker 1")
+        assert "closed its store" in str(exc), exc
+        print("DONE")
+    """)
+    assert_ok(job)
+
+
+def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_path):
+    job = run_job(tmp_path, """
+        import zmq
+        from kvframe_dist.transport import ZmqTransport
+        kv.init(0, np.zeros(10, np.float32))
+        kv.barrier()
+        if rank == 0:
+            addr = kv.backend.server_addrs[0]
+            ctx = zmq.Context()
+            raw = ctx.socket(zmq.DEALER)
+            raw.connect(addr)
+            raw.send_multipart([b"garbage"])                                        # no header, no MAC
+            raw.send_multipart([b'KVF1{"op":"push","id":1,"items":[[0,0,"raw"]]}', b"x" * 40])  # no MAC
+            raw.send_multipart([b"\\xff" * 100, b"", b"zz"])
+            wrong = ZmqTransport(secret=b"not-the-secret")
+            ws = wrong.dealer(addr)
+            wrong.send(ws, {"op": "push", "id": 2, "items": [[0, 0, "raw"]], "sync": True}, [np.ones(10, np.float32)])
+            assert not ws.poll(500), "an unauthenticated request got an answer"
+            good = ZmqTransport(secret=os.environ["KVFRAME_SECRET"].encode())
+            gs = good.dealer(addr)
+            def ask(header, frames=()):
+                good.send(gs, header, list(frames))
+                assert gs.poll(5000), header
+                return good.recv(gs)[1]
+            bad = [
+                ({"op": "push", "id": 3, "items": [[0, 0, "raw"]], "sync": True}, [np.zeros(3, np.float32)], "expected 10"),
+                ({"op": "push", "id": 4, "items": [[999, 0, "raw"]]}, [np.zeros(10, np.float32)], "unknown key 999"),
+                ({"op": "init", "id": 5, "items": [[50, 0, "complex64", [2], None]]}, [b"x" * 16], "cannot travel"),
+                ({"op": "init", "id": 6, "items": [[51, 0, "float32", [4], None]]}, [b"x" * 12], "expected 4"),
+                ({"op": "pull", "id": 7, "items": "notalist"}, [], "pull without items"),
+                ({"op": "push", "id": 8, "items": [["a", {}]]}, [], "malformed item"),
+                ({"op": "frobnicate", "id": 9}, [], "unknown op"),
+                ({"op": "push", "id": 10, "items": [[0, 0, "comp", "object"]]}, [b"1234"], "compress"),
+                ({"op": "rsp_pull", "id": 11, "items": [[0, 0]]}, [np.array([100], np.int64)], "outside"),
+            ]
+            for header, frames, words in bad:
+                h = ask(header, frames)
+                assert h["op"] == "error" and h["id"] == header["id"] and words in h["msg"], (header, h)
+            st = kv.backend.server_stats()[0]
+            assert st["dropped"] >= 4 and st["errors"] == len(bad), st
+            print("server 0 dropped", st["dropped"], "and refused", st["errors"])
+        kv.barrier()
+        out = np.empty(10, np.float32)
+        kv.pushpull(0, np.full(10, 2.0, np.float32), out=out)
+        assert (out == 4).all(), out
+        print("DONE")
+    """, env={"KVFRAME_SECRET": "s3cret"})
+    assert_ok(job)
+    assert "unauthenticated message" in job.out
+
+
+def test_launcher_exits_with_the_first_failing_code_and_stops_the_rest(tmp_path):
+    job = run_job(tmp_path, """
+        if rank == 1:
+            sys.exit(7)
+        time.sleep(60)                                     # stopped by the launcher, not finished
+    """, launcher_args=("--grace", "1"), timeout=40)
+    assert job.rc == 7, job.out
+    assert job.seconds < 20, job.seconds
+    assert "stopping: " in job.out and "worker 0" in job.out.split("stopping: ")[-1]
+
+
+def test_roles_started_on_their_own_with_mxnet_variables(tmp_path):
+    """scheduler and servers as `python -m`, workers as plain processes: only DMLC_* variables; one
+    server is the worker script itself with DMLC_ROLE=server (as MXNet's launch.py runs it)."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np, kvframe
+        kv = kvframe.create("dist_sync")
+        kv.init(0, np.zeros(4, np.float32))
+        out = np.empty(4, np.float32)
+        kv.pushpull(0, np.ones(4, np.float32), out=out)
+        assert (out == 2).all()
+        print("DONE", kv.rank, flush=True)
+        kv.close()
+    """))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVFRAME_", "DMLC_"))}
+    env.update(DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port), DMLC_NUM_SERVER="2", DMLC_NUM_WORKER="2",
+               KVFRAME_CONNECT_TIMEOUT="20", KVFRAME_TIMEOUT="20")
+    py = sys.executable
+    cmds = [([py, "-m", "kvframe_dist.scheduler"], "scheduler"),
+            ([py, "-m", "kvframe_dist", "--role", "server"], "server"),
+            ([py, str(script)], "server"),
+            ([py, str(script)], "worker"), ([py, str(script)], "worker")]
+    procs = [subprocess.Popen(c, env={**env, "DMLC_ROLE": role}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c, role in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=40)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * 5, outs
+    assert sorted(o.split("DONE ")[1].split()[0] for o in outs[3:]) == ["0", "1"], outs
+
+
+def test_missing_variables_give_a_clear_error(monkeypatch):
+    import kvframe
+
+    for k in list(os.environ):
+        if k.startswith(("KVFRAME_", "DMLC_")):
+            monkeypatch.delenv(k)
+    with pytest.raises(ValueError, match="DMLC_PS_ROOT_PORT"):
+        kvframe.create("dist_sync")
+
+
+def test_ssh_and_mpi_command_lines(tmp_path):
+    from kvframe_dist import launch
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# cluster\nnode1\nnode2 slots=2\n")
+    args = launch.parse_args(["-n", "3", "-s", "2", "--launcher", "ssh", "-H", str(hosts), "--host-ip", "10.0.0.1",
+                              "--port", "9191", "--config", "job.toml", "--", "python", "train.py", "--lr", "0.1"])
+    procs = launch.build(args)
+    assert [p.name for p in procs] == ["scheduler", "server 0", "server 1", "worker 0", "worker 1", "worker 2"]
+    assert procs[0].env["DMLC_ROLE"] == "scheduler" and procs[0].env["DMLC_PS_ROOT_URI"] == "10.0.0.1"
+    w2 = procs[5].argv
+    assert w2[:6] == ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes", "node2"]
+    assert procs[1].argv[5] == "node1" and procs[2].argv[5] == "node2" and procs[3].argv[5] == "node2"
+    remote = w2[6]
+    for part in ("DMLC_ROLE=worker", "KVFRAME_RANK=2", "DMLC_PS_ROOT_PORT=9191", "DMLC_NUM_WORKER=3",
+                 "DMLC_NUM_SERVER=2", f"KVFRAME_CONFIG={os.path.abspath('job.toml')}", "python train.py --lr 0.1"):
+        assert part in remote, remote
+    assert remote.startswith(f"cd {os.getcwd()} && env ")
+
+    args = launch.parse_args(["-n", "4", "-s", "2", "--launcher", "mpi", "-H", str(hosts), "--host-ip", "10.0.0.1",
+                              "--", "python", "train.py"])
+    procs = launch.build(args)
+    assert [p.name for p in procs] == ["scheduler", "servers", "workers"]
+    srv, wrk = procs[1].argv, procs[2].argv
+    assert srv[:5] == ["mpirun", "--allow-run-as-root", "-np", "2", "--hostfile"]
+    assert srv[-4:] == ["-m", "kvframe_dist", "--role", "server"] and wrk[-2:] == ["python", "train.py"]
+    assert "DMLC_ROLE=worker" in wrk and "KVFRAME_RANK_FROM_MPI=1" in wrk and "DMLC_NUM_WORKER=4" in wrk
+
+    out = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", "2", "--dry-run", "--", "python", "x.py"],
+                         capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert out.returncode == 0 and "# worker 1" in out.stdout and "DMLC_ROLE=server" in out.stdout, out
+
+
+def test_launcher_refuses_bad_arguments():
+    for argv in (["-n", "2"], ["-n", "0", "--", "x"], ["-n", "2", "--launcher", "ssh", "--", "x"]):
+        res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", *argv], capture_output=True, text=True,
+                             timeout=30)
+        assert res.returncode == 2, (argv, res.stderr)
