@@ -44,12 +44,14 @@ class Runner:
         self._lock = threading.Lock()
 
     def _scratch(self, ntmp: int, dtype: Any, n: int) -> list:
+        if ntmp == 0:
+            return []
         bufs = getattr(self._local, "bufs", None)
         if bufs is None:
             bufs = self._local.bufs = {}
         key = np.dtype(dtype)
         have = bufs.get(key)
-        if have is None or len(have) < ntmp or have[0].size < n:
+        if not have or len(have) < ntmp or have[0].size < n:
             size = max(n, self.block)
             have = bufs[key] = [np.empty(size, dtype=key) for _ in range(max(ntmp, len(have or ())))]
         return [b[:n] for b in have[:ntmp]]
