@@ -158,3 +158,46 @@ def test_simple_progress_bar_without_tqdm(monkeypatch):
     bar.update()
     assert err.getvalue().endswith("epoch 1/2 [" + "#" * 15 + "." * 15 + "] 2/4")
     bar.close()
+
+
+# PyTorch interop (torch is not a test requirement: these skip without it) -----------------------
+
+def test_torch_interop_example(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "torch_interop.py")], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    out = proc.stdout
+    mse = float(out.split("final: mse=")[1].split()[0])
+    first = float(out.split("epoch  1  train mse ")[1].split()[0])
+    assert mse < 0.02 and mse < first / 10
+    assert "replicas_agree=True" in out
+    assert out.count("  [ok] ") == 6 and "[NO]" not in out
+
+
+def test_torch_tensors_are_read_and_written_in_place():
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import kvframe
+
+    kv = kvframe.create("local")
+    seen = []
+    kv.set_updater(lambda key, merged, stored: (seen.append(merged.__array_interface__["data"][0]),
+                                                stored.__iadd__(merged)))
+    kv.init("w", torch.zeros(2, 3))
+    g = torch.full((2, 3), 1.5)
+    kv.push("w", g)
+    assert seen == [g.data_ptr()]  # the updater read the tensor's own memory: no copy on push
+    out = torch.empty(2, 3)
+    ptr = out.data_ptr()
+    kv.pull("w", out=out)
+    assert out.data_ptr() == ptr and torch.equal(out, torch.full((2, 3), 1.5))
+    out += 1  # the store's value is its own
+    back = np.empty((2, 3), np.float32)
+    kv.pull("w", out=back)
+    np.testing.assert_array_equal(back, np.full((2, 3), 1.5, np.float32))
+    with pytest.raises((BufferError, RuntimeError), match="require"):
+        kv.push("w", torch.ones(2, 3, requires_grad=True))
+    kv.pull("w", out=back)
+    np.testing.assert_array_equal(back, np.full((2, 3), 1.5, np.float32))
