@@ -61,9 +61,29 @@ def run_ranges(fn: Callable[[int, int], None], n: int) -> None:
             f.result()
 
 
+class Block:
+    """Fixed temporaries for one cache block (one set per thread)."""
+
+    def __init__(self) -> None:
+        size = BLOCK + 64
+        self.pos = np.empty(size, np.bool_)
+        self.neg = np.empty(size, np.bool_)
+        self.q = np.empty(size, np.int8)
+        self.d = np.empty(size, np.float32)
+        self.dec = np.empty(size, np.float32)
+        self.words = np.empty(size // 4, np.uint32)
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.bufs: dict = {}
+        self._block: Block | None = None
+
+    def block(self) -> Block:
+        b = self._block
+        if b is None:
+            b = self._block = Block()
+        return b
 
     def get(self, name: str, shape: int | tuple, dtype) -> np.ndarray:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)

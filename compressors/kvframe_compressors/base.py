@@ -39,6 +39,8 @@ class BaseCompressor:
 
     def check_dtype(self, dtype: Any, what: str = "gradient") -> None:
         """Raise a clear error when this codec cannot encode ``dtype``."""
+        if dtype in self.dtypes:
+            return
         dt = np.dtype(dtype)
         if dt not in [np.dtype(d) for d in self.dtypes]:
             allowed = ", ".join(str(np.dtype(d)) for d in self.dtypes)

@@ -22,7 +22,10 @@ from kvframe_compressors import _blocks
 from kvframe_compressors._blocks import BLOCK, flat_inplace, flat_input, run_ranges, scratch
 from kvframe_compressors.base import BaseCompressor
 
-_PLUS_MINUS_ONE = np.array([1.0, -1.0], np.float32)  # residual step for bit 0 / bit 1
+_GATHER_CODES = np.uint32(1 | 1 << 10 | 1 << 20 | 1 << 30)
+_SHIFT_24 = np.uint32(24)
+_MINUS_TWO = np.float32(-2)
+_ONE = np.float32(1)
 
 
 def _lut_2bit(t: np.float32) -> np.ndarray:
@@ -66,6 +69,9 @@ class TwoBit(BaseCompressor):
         used = -(-n // 4)
         out[used:] = 0
         t, neg_t = self.threshold, self._neg
+        if n <= BLOCK:
+            self._encode_block(r, g, out[:used], t, neg_t)
+            return out
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):
@@ -77,13 +83,11 @@ class TwoBit(BaseCompressor):
 
     @staticmethod
     def _encode_block(r: np.ndarray, g: np.ndarray, out: np.ndarray, t: np.float32, neg_t: np.float32) -> None:
+        """One block (at most BLOCK values; ``out`` holds ceil(n / 4) bytes)."""
         n = r.size
         npad = (n + 3) & ~3
-        pos = scratch.get("pos", npad, np.bool_)
-        neg = scratch.get("neg", npad, np.bool_)
-        q = scratch.get("q", n, np.int8)
-        d = scratch.get("d", n, np.float32)
-        pairs = scratch.get("pairs", (npad, 2), np.bool_)
+        b = scratch.block()
+        pos, neg, q, d = b.pos[:npad], b.neg[:npad], b.q[:n], b.d[:n]
         np.add(r, g, out=r)
         np.greater_equal(r, t, out=pos[:n])
         np.less_equal(r, neg_t, out=neg[:n])
@@ -92,12 +96,21 @@ class TwoBit(BaseCompressor):
             neg[n:] = False
         # r -= t where r >= t; r -= -t where r <= -t (exactly MXNet's float32 operations)
         np.subtract(pos[:n].view(np.int8), neg[:n].view(np.int8), out=q)
-        np.multiply(q, t, out=d)
+        np.copyto(d, q, casting="unsafe")
+        np.multiply(d, t, out=d)
         np.subtract(r, d, out=r)
-        # code bits, most significant first: (sent?, positive?) per value, 4 values per byte
-        np.logical_or(pos, neg, out=pairs[:, 0])
-        np.copyto(pairs[:, 1], pos)
-        out[:] = np.packbits(pairs)
+        # Codes 11 = +t, 10 = -t, 00: code = 2 * (pos | neg) + pos, computed on 4 values at once
+        # (one little-endian uint32 holds the flags of 4 values, one per byte, so no carries).
+        # Then the four codes c0 | c1 << 8 | c2 << 16 | c3 << 24 become the byte
+        # c0 << 6 | c1 << 4 | c2 << 2 | c3: the multiply moves each code into the top byte while
+        # the other partial products stay in disjoint bits below it.
+        p32, n32, w = pos.view(np.uint32), neg.view(np.uint32), b.words[: npad // 4]
+        np.add(p32, n32, out=w)
+        np.add(w, w, out=w)
+        np.add(w, p32, out=w)
+        np.multiply(w, _GATHER_CODES, out=w)
+        np.right_shift(w, _SHIFT_24, out=w)
+        out[:] = w
 
     # decode ----------------------------------------------------------------------------------
     def decode(self, payload: Any, out: Any, accumulate: bool = False) -> Any:
@@ -120,7 +133,7 @@ class TwoBit(BaseCompressor):
                 if not accumulate and (e - s) % 4 == 0:
                     np.take(lut, src, out=dst.view(np.complex128))
                     continue
-                tmp = scratch.get("dec2", src.size * 4, np.float32)
+                tmp = scratch.block().dec[: src.size * 4]
                 np.take(lut, src, out=tmp.view(np.complex128))
                 if accumulate:
                     np.add(dst, tmp[: e - s], out=dst)
@@ -129,7 +142,10 @@ class TwoBit(BaseCompressor):
 
         if accumulate and target is not out:
             target[...] = out
-        run_ranges(work, n)
+        if n <= BLOCK:
+            work(0, n)
+        else:
+            run_ranges(work, n)
         if target is not out:
             out[...] = target
         return out
@@ -166,20 +182,25 @@ class OneBit(BaseCompressor):
                 e = min(s + BLOCK, hi)
                 self._encode_block(r[s:e], g[s:e], out[s // 8:-(-e // 8)], t)
 
-        run_ranges(work, n)
+        if n <= BLOCK:
+            work(0, n)
+        else:
+            run_ranges(work, n)
         return out
 
     @staticmethod
     def _encode_block(r: np.ndarray, g: np.ndarray, out: np.ndarray, t: np.float32) -> None:
         n = r.size
         npad = (n + 7) & ~7
-        bit = scratch.get("bit", npad, np.bool_)
-        d = scratch.get("d", n, np.float32)
+        b = scratch.block()
+        bit, d = b.pos[:npad], b.d[:n]
         np.add(r, g, out=r)
         np.greater(r, t, out=bit[:n])
         if npad > n:
             bit[n:] = False
-        np.take(_PLUS_MINUS_ONE, bit[:n].view(np.uint8), out=d)  # bit 1: r -= 1, bit 0: r += 1
+        np.copyto(d, bit[:n], casting="unsafe")  # bit 1: r -= 1, bit 0: r += 1 (one exact step of +-1)
+        np.multiply(d, _MINUS_TWO, out=d)
+        np.add(d, _ONE, out=d)
         np.add(r, d, out=r)
         out[:] = np.packbits(bit)
 
@@ -213,7 +234,10 @@ class OneBit(BaseCompressor):
 
         if accumulate and target is not out:
             target[...] = out
-        run_ranges(work, n)
+        if n <= BLOCK:
+            work(0, n)
+        else:
+            run_ranges(work, n)
         if target is not out:
             out[...] = target
         return out
