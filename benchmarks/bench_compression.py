@@ -61,8 +61,9 @@ def mxnet_times() -> tuple[dict, str]:
         if m:
             comp = None if m.group(2) == "None" else m.group(2)
             res[(int(m.group(1)), comp)] = float(m.group(3)) / 1e3
-        elif line.startswith("comp="):
-            notes.append(line.strip())
+        elif line.startswith("comp="):  # e.g. "comp=1bit: MXNetError: ..." (1.9.1 knows only '2bit')
+            comp, _, err = line.partition(":")
+            notes.append(f"{comp.removeprefix('comp=')} refused ({err.strip().split(':')[0]})")
     return res, "; ".join(sorted(set(notes)))
 
 
