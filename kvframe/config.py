@@ -61,8 +61,10 @@ def validate_plugin_config(kind: str, data: Any, what: str, source: str | None =
 
     if isinstance(data, PluginConfig):
         if extra:
-            data = data.model_copy(update=extra)
-            data = type(data).model_validate(data.model_dump())
+            try:
+                data = type(data).model_validate({**data.model_dump(), **extra})
+            except pydantic.ValidationError as err:
+                raise ConfigError(format_validation_error(err, what, source)) from None
         plugins.lookup(kind, data.type)  # the plugin must be installed
         return data
     if isinstance(data, str):
