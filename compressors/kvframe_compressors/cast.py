@@ -2,7 +2,8 @@
 
 With ``error_feedback`` (the default) the rounding error stays in the residual and is sent in a
 later step: ``r += g; payload = cast(r); r -= payload``.  Without it the gradient is cast as is
-and the residual is left alone.  fp16 saturates to +-inf beyond +-65504.
+and the residual is left alone.  fp16 saturates: values beyond +-65504 (its largest finite
+value) are sent as +-65504, and with error feedback the excess waits in the residual.
 """
 
 from __future__ import annotations
@@ -118,13 +119,19 @@ class _Cast(BaseCompressor):
         return out
 
 
+_FP16_MAX = 65504.0
+
+
 class FP16(_Cast):
     name = "fp16"
     wire_dtype = np.float16
     dtypes = (np.float16, np.float32, np.float64)
 
     def _to_wire(self, x: Any, out: Any, xp: Any) -> None:
-        out[...] = x.astype(xp.float16)
+        if x.dtype == np.float16:
+            out[...] = x
+            return
+        out[...] = xp.clip(x, -_FP16_MAX, _FP16_MAX).astype(xp.float16)
 
     def _from_wire(self, p: Any, out: Any, xp: Any) -> None:
         out[...] = p

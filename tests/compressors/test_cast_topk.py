@@ -80,6 +80,18 @@ def test_fp16(make, dtype):
     np.testing.assert_allclose(total_sent + res, 3 * g, rtol=0, atol=1e-12 if dtype == np.float64 else 1e-5)
 
 
+def test_fp16_saturates_and_keeps_the_excess(make):
+    comp = make("fp16")
+    g = np.float32([1e5, -7e4, 65504, 1.0])
+    res = np.zeros_like(g)
+    p = comp.encode(g, res)
+    np.testing.assert_array_equal(p, np.float16([65504, -65504, 65504, 1.0]))
+    np.testing.assert_array_equal(res, np.float32([1e5 - 65504, -7e4 + 65504, 0, 0]))
+    p = comp.encode(np.zeros_like(g), res)
+    np.testing.assert_array_equal(p, np.float16([1e5 - 65504, -7e4 + 65504, 0, 0]))
+    assert np.isfinite(res).all()
+
+
 def test_bf16_refuses_float64(make):
     with pytest.raises(DTypeMismatchError, match="bf16 compression needs float32"):
         make("bf16").encode(np.zeros(3), np.zeros(3))
