@@ -229,6 +229,30 @@ class _Problems:
             raise ConfigError(f"invalid kvframe config in {self.source}:\n" + "\n".join(self.lines))
 
 
+def _clean_loc(loc: tuple, data: Any) -> tuple:
+    """The error location as the user wrote it: pydantic adds union tags (a nested config's 'type'
+    value, or validator names) that are not keys of the input, so follow the input and drop them."""
+    out: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping):
+            if part in node:
+                out.append(part)
+                node = node[part]
+                continue
+            if isinstance(part, str) and (node.get("type") == part or "[" in part):
+                continue  # a tag of a discriminated union, or a validator's name
+            out.append(part)
+            node = None
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        else:
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
 def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[PluginConfig | None, str | None]:
     from kvframe import plugins
     from kvframe.store import STORE_ALIASES
@@ -263,15 +287,31 @@ def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[Plug
         return reg.config_model.model_validate(data), written
     except pydantic.ValidationError as err:
         for e in err.errors():
-            problems.add((section, *e.get("loc", ())), f"{e.get('msg')}{_fmt_value(e.get('input'))}")
+            problems.add((section, *_clean_loc(tuple(e.get("loc", ())), data)),
+                         f"{e.get('msg')}{_fmt_value(e.get('input'))}")
         return None, None
 
 
-def _compression_supported(store: StoreConfig) -> bool | None:
+def _store_type(raw: Any) -> str | None:
+    """The registered store name a (possibly invalid) store section asks for, if it is installed."""
+    from kvframe import plugins
+    from kvframe.store import STORE_ALIASES
+
+    name = raw if isinstance(raw, str) else raw.get("type", DEFAULT_STORE) if isinstance(raw, Mapping) else None
+    if not isinstance(name, str):
+        return None
+    name = STORE_ALIASES.get(name.lower(), name.lower())
+    try:
+        return plugins.lookup("stores", name).name
+    except KVFrameError:
+        return None
+
+
+def _compression_supported(store_type: str) -> bool | None:
     """Whether the store type says it can compress gradients (None: it does not say)."""
     from kvframe import plugins
 
-    caps = getattr(plugins.lookup("stores", store.type).factory, "capabilities", None)
+    caps = getattr(plugins.lookup("stores", store_type).factory, "capabilities", None)
     if not isinstance(caps, (set, frozenset)):
         return None
     return "compression" in caps
@@ -326,8 +366,9 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
     store, store_name = _validate_section("store", sections.store, problems)
     compression, _ = _validate_section("compression", sections.compression, problems)
     optimizer, _ = _validate_section("optimizer", sections.optimizer, problems)
-    if store is not None and compression is not None and _compression_supported(store) is False:
-        problems.add(("compression",), f"store {store.type!r} does not support gradient compression "
+    store_type = store.type if store is not None else _store_type(sections.store)
+    if store_type is not None and compression is not None and _compression_supported(store_type) is False:
+        problems.add(("compression",), f"store {store_type!r} does not support gradient compression "
                      "(as in MXNet, use store 'device' or a dist store)")
     problems.raise_if_any()
     assert store is not None and store_name is not None

@@ -350,3 +350,43 @@ def test_a_loaded_config_can_be_adjusted_then_created(cfgtest_plugin):
         cfg.optimizer.learning_rate = -1.0
     kv = kvframe.create_from_config(cfg)
     assert kv.optimizer.config.learning_rate == 0.5
+
+
+def test_real_optimizer_with_a_tagged_lr_scheduler_union(tmp_path):
+    """kvframe-optimizers' lr_scheduler is a discriminated union: the error path is still the file's."""
+    from kvframe import plugins
+
+    if "sgd" not in plugins.names("optimizers"):
+        pytest.skip("kvframe-optimizers is not installed")
+    p = write(tmp_path, "sgd.toml", """
+        [store]
+        type = "local"
+        reduce_threads = 0
+        [compression]
+        type = "cfgtest_2bit"
+        [optimizer]
+        type = "SGD"
+        momentum = 0.9
+        [optimizer.lr_scheduler]
+        type = "factor"
+        step = 0
+    """)
+    msg = error_of(p)
+    assert "  optimizer.lr_scheduler.step: Input should be greater than or equal to 1 (got 0)" in msg
+    assert "factor.step" not in msg
+    # the store's options are invalid, yet its type is known: compression is still checked against it
+    assert "  compression: store 'local' does not support gradient compression" in msg
+    ok = load_config({"optimizer": {"type": "SGD", "momentum": 0.9,
+                                    "lr_scheduler": {"type": "factor", "step": 10, "factor": 0.5}}})
+    assert ok.optimizer.type == "sgd" and ok.optimizer.lr_scheduler.step == 10
+
+
+def test_clean_loc_drops_union_tags_only():
+    from kvframe.configfile import _clean_loc
+
+    data = {"lr_scheduler": {"type": "factor", "step": 0}, "items": [{"a": 1}]}
+    assert _clean_loc(("lr_scheduler", "factor", "step"), data) == ("lr_scheduler", "step")
+    assert _clean_loc(("lr_scheduler", "factor", "missing"), data) == ("lr_scheduler", "missing")
+    assert _clean_loc(("items", 0, "a"), data) == ("items", 0, "a")
+    assert _clean_loc(("function-after[check(), X]", "x"), {"x": 1}) == ("x",)
+    assert _clean_loc(("nope", "deeper"), data) == ("nope", "deeper")
