@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvframe.arrays import RowSparseArray, array_module
-from kvframe.errors import ShapeMismatchError
 from kvframe_optimizers.engine import runner
 
 MASTER = "weight32"  # name of the float32 master copy of a float16 weight (multi_precision)
@@ -246,12 +245,21 @@ class Optimizer:
         return buf
 
 
-def grad_into(xp: Any, p: SimpleNamespace, g: Any, out: Any, scale: float = 1.0) -> Any:
-    """``out = clip(rescale_grad * g, clip_gradient) * scale`` (computed in ``out``'s dtype)."""
-    if p.clip is None:
-        xp.multiply(g, p.rescale * scale, out=out, dtype=out.dtype)
+def _scaled(xp: Any, g: Any, s: float, out: Any) -> None:
+    """``out = g * s`` computed in ``out``'s dtype (a float16 gradient meets a float32 master copy)."""
+    if g.dtype == out.dtype:
+        xp.multiply(g, s, out=out)
     else:
-        xp.multiply(g, p.rescale, out=out, dtype=out.dtype)
+        out[...] = g
+        out *= s
+
+
+def grad_into(xp: Any, p: SimpleNamespace, g: Any, out: Any, scale: float = 1.0) -> Any:
+    """``out = clip(rescale_grad * g, clip_gradient) * scale``."""
+    if p.clip is None:
+        _scaled(xp, g, p.rescale * scale, out)
+    else:
+        _scaled(xp, g, p.rescale, out)
         xp.clip(out, -p.clip, p.clip, out=out)
         if scale != 1.0:
             out *= scale
@@ -260,7 +268,7 @@ def grad_into(xp: Any, p: SimpleNamespace, g: Any, out: Any, scale: float = 1.0)
 
 def grad_wd_into(xp: Any, p: SimpleNamespace, g: Any, w: Any, out: Any, tmp: Any) -> Any:
     """``out = clip(rescale_grad * g + wd * w, clip_gradient)`` (MXNet's Adam-family order)."""
-    xp.multiply(g, p.rescale, out=out, dtype=out.dtype)
+    _scaled(xp, g, p.rescale, out)
     if p.wd:
         xp.multiply(w, p.wd, out=tmp)
         out += tmp
@@ -274,9 +282,3 @@ def sum_sq(xp: Any, x: Any) -> float:
     if x.dtype != np.float64 and x.dtype != np.float32:
         x = x.astype(np.float32)
     return float(xp.dot(x, x))
-
-
-def check_shape(key: Hashable, weight: Any, grad: Any) -> None:
-    if tuple(grad.shape) != tuple(weight.shape):
-        raise ShapeMismatchError(f"key {key!r}: gradient has shape {tuple(grad.shape)}, but the weight has shape "
-                                 f"{tuple(weight.shape)}")

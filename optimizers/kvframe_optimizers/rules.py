@@ -13,7 +13,7 @@ import numpy as np
 
 from kvframe.arrays import array_module
 from kvframe_optimizers import configs as C
-from kvframe_optimizers.base import KeyState, Optimizer, grad_into, grad_wd_into, sum_sq
+from kvframe_optimizers.base import KeyState, Optimizer, _scaled, grad_into, grad_wd_into, sum_sq
 from kvframe_optimizers.engine import runner
 
 
@@ -744,7 +744,7 @@ class Test(Optimizer):
     @staticmethod
     def kernel(xp, p, a, t):
         w, g, s = a
-        xp.multiply(g, p.rescale, out=t[0], dtype=t[0].dtype)
+        _scaled(xp, g, p.rescale, t[0])
         w += t[0]
         s[...] = w
 
@@ -834,7 +834,7 @@ class LANS(LAMB):
     def kernel(xp, p, a, t):
         w, g, m, v, um, ug = a
         G, T = t
-        xp.multiply(g, p.rescale * p.gscale, out=G, dtype=G.dtype)
+        _scaled(xp, g, p.rescale * p.gscale, G)
         if p.clip is not None:
             xp.clip(G, -p.clip, p.clip, out=G)
         m *= p.b1

@@ -235,3 +235,16 @@ def test_groupadagrad_needs_two_dimensions():
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         with warnings.catch_warnings():
             upd(0, np.ones(3, np.float32), np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_pushed_gradient_is_left_untouched(name):
+    """A store hands the caller's pushed array to the updater; it may be reused after push."""
+    cfg = {"lbsgd": {"batch_scale": 2}, "sgd": {"momentum": 0.9}}.get(name, {})
+    upd = create_optimizer(name, **cfg).create_updater()
+    w0, grads = _data(8)
+    w = w0.copy()
+    for g in grads[:3]:
+        keep = g.copy()
+        upd(0, g, w)
+        np.testing.assert_array_equal(g, keep)
