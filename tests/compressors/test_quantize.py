@@ -171,3 +171,40 @@ def test_ratios(make):
     assert make("fp16").compression_ratio(1000) == 2
     assert make("bf16").compression_ratio(1000) == 2
     assert make("topk", ratio=0.01).compressed_nbytes(1000) == 10 * 8
+
+
+def test_1bit_large_threaded_equals_whole_array_formula(make, monkeypatch):
+    monkeypatch.setattr(_blocks, "PARALLEL_MIN", 1 << 16)
+    n = 4 * _blocks.BLOCK + 13
+    comp = make("1bit", threshold=0.1)
+    rng = np.random.default_rng(1)
+    res, ref = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for _ in range(3):
+        g = rng.standard_normal(n).astype(np.float32)
+        p = comp.encode(g, res)
+        ref += g
+        bits = ref > np.float32(0.1)
+        ref[bits] -= np.float32(1)
+        ref[~bits] += np.float32(1)
+        padded = np.concatenate([bits, np.zeros(-n % 32, bool)]).reshape(-1, 8).astype(np.uint8)
+        want = np.zeros(len(padded), np.uint8)
+        for j in range(8):
+            want |= padded[:, j] << (7 - j)
+        np.testing.assert_array_equal(p, want)
+        np.testing.assert_array_equal(res, ref)
+    out = np.zeros(n, np.float32)
+    comp.decode(p, out)
+    np.testing.assert_array_equal(out, np.where(bits, np.float32(1), np.float32(-1)))
+
+
+def test_every_compressor_is_listed_and_sizes_match(make):
+    from kvframe import plugins
+
+    assert {"2bit", "1bit", "fp16", "bf16", "topk"} <= set(plugins.names("compressors"))
+    g = np.random.default_rng(2).standard_normal(1001).astype(np.float32)
+    for name in ["2bit", "1bit", "fp16", "bf16", "topk"]:
+        comp = make(name)
+        assert comp.config.type == name
+        p = comp.encode(g, np.zeros_like(g))
+        assert p.nbytes == comp.compressed_nbytes(g.size), name
+        assert p.nbytes < g.nbytes

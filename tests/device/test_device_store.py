@@ -204,3 +204,18 @@ def test_row_sparse_push_is_not_compressed(kv):
     out = np.empty((4, 2), np.float32)
     kv.pull(0, out=out)
     np.testing.assert_array_equal(out, np.float32([[0, 0], [0, 0], [0.1, 0.2], [0, 0]]))
+
+
+def test_compression_with_non_contiguous_values_and_repeated_key(kv):
+    kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+    kv.init(0, np.zeros((4, 4), np.float32))
+    base = np.arange(32, dtype=np.float32).reshape(4, 8) / 20 - 0.8
+    view = base[:, ::2]  # not contiguous
+    kv.push([0, 0], [view, [view, base[:, 1::2]]])  # a key repeated in one push is summed
+    out = np.empty((4, 4), np.float32)
+    kv.pull(0, out=out)
+    want = np.zeros(16, np.float32)
+    for g in (view, view, base[:, 1::2]):
+        want = want + dequantize_2bit(quantize_2bit(list(g.reshape(-1)), [np.float32(0)] * 16, 0.5), 16, 0.5)
+    np.testing.assert_array_equal(out.reshape(-1), want)
+    assert kv.backend.residual(0, 2) is not None  # three device slots, three residuals
