@@ -27,6 +27,14 @@ def test_no_launcher_means_single_process():
     ({"DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "2", "DMLC_WORKER_ID": "1"}, (1, 2, None, "DMLC")),
     ({"DMLC_NUM_WORKER": "2", "DMLC_WORKER_ID": "0", "KVFRAME_LOCAL_RANK": "0"}, (0, 2, 0, "DMLC")),
     ({"RANK": "0", "WORLD_SIZE": "1"}, (0, 1, None, "torchrun")),
+    # what kvframe-launch sets for worker 1 of 2 (local launcher)
+    ({"KVFRAME_ROLE": "worker", "DMLC_ROLE": "worker", "KVFRAME_RANK": "1", "KVFRAME_NUM_WORKERS": "2",
+      "DMLC_NUM_WORKER": "2", "DMLC_NUM_SERVER": "1"}, (1, 2, None, "KVFRAME")),
+    # kvframe-launch --launcher mpi: the rank comes from MPI
+    ({"KVFRAME_ROLE": "worker", "KVFRAME_RANK_FROM_MPI": "1", "KVFRAME_NUM_WORKERS": "4",
+      "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     (3, 4, 1, "Open MPI")),
+    ({"DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "3", "KVFRAME_RANK": "2"}, (2, 3, None, "DMLC")),
 ])
 def test_launcher_families(env, want):
     info = detect_launch(env)
@@ -46,6 +54,7 @@ def test_kvframe_variables_win_over_torchrun():
     ({"KVFRAME_RANK": "0", "KVFRAME_WORLD_SIZE": "0"}, "at least 1"),
     ({"DMLC_NUM_WORKER": "2"}, "set KVFRAME_RANK"),
     ({"DMLC_ROLE": "server", "DMLC_NUM_WORKER": "2", "DMLC_WORKER_ID": "0"}, "worker processes only"),
+    ({"KVFRAME_ROLE": "scheduler", "KVFRAME_NUM_WORKERS": "2"}, "KVFRAME_ROLE='scheduler'"),
 ])
 def test_launcher_errors_name_the_variable(env, needle):
     with pytest.raises(LaunchEnvError, match=None) as err:
@@ -66,6 +75,8 @@ def test_addresses():
     assert rendezvous_address({"MASTER_ADDR": "b", "MASTER_PORT": "29500", "KVFRAME_NCCL_PORT_OFFSET": "0"}) == \
         ("b", 29500)
     assert rendezvous_address({"DMLC_PS_ROOT_URI": "s", "DMLC_PS_ROOT_PORT": "9091"}) == ("s", 9092)
+    assert rendezvous_address({"KVFRAME_ROOT_URI": "k", "KVFRAME_ROOT_PORT": "9000", "DMLC_PS_ROOT_URI": "s",
+                               "DMLC_PS_ROOT_PORT": "9000"}) == ("k", 9001)
     with pytest.raises(LaunchEnvError, match="outside"):
         rendezvous_address({"MASTER_ADDR": "b", "MASTER_PORT": "65535"})
 

@@ -3,15 +3,19 @@ read from the variables that launchers set. Pure Python, so it is tested without
 
 Precedence (the first family that gives a world size wins, and must then give a rank):
 
-1. ``KVFRAME_RANK`` / ``KVFRAME_WORLD_SIZE`` / ``KVFRAME_LOCAL_RANK`` (kvframe-launch, or by hand)
+1. ``KVFRAME_RANK`` / ``KVFRAME_WORLD_SIZE`` (or ``KVFRAME_NUM_WORKERS``, as kvframe-launch sets it) /
+   ``KVFRAME_LOCAL_RANK``
 2. ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (torchrun, torch.distributed.launch, many schedulers)
 3. ``OMPI_COMM_WORLD_RANK`` / ``OMPI_COMM_WORLD_SIZE`` / ``OMPI_COMM_WORLD_LOCAL_RANK`` (Open MPI's mpirun)
-4. ``DMLC_WORKER_ID`` / ``DMLC_NUM_WORKER`` (MXNet's DMLC variables, with ``DMLC_ROLE=worker``)
+4. ``DMLC_WORKER_ID`` (or ``KVFRAME_RANK``) / ``DMLC_NUM_WORKER`` (MXNet's DMLC variables)
+
+``KVFRAME_ROLE`` / ``DMLC_ROLE``, when set, must be ``worker``.
 
 The rendezvous address for the NCCL unique id: ``KVFRAME_NCCL_ADDR=host:port`` exactly; else
-``MASTER_ADDR`` (or ``DMLC_PS_ROOT_URI``) with ``MASTER_PORT`` (or ``DMLC_PS_ROOT_PORT``) plus
+``MASTER_ADDR`` (or kvframe-launch's ``KVFRAME_ROOT_URI``, or ``DMLC_PS_ROOT_URI``) with ``MASTER_PORT``
+(or ``KVFRAME_ROOT_PORT``, ``DMLC_PS_ROOT_PORT``) plus
 ``KVFRAME_NCCL_PORT_OFFSET`` (default 1: torchrun's agent and a DMLC scheduler already listen on
-that port themselves).
+that port themselves; so does kvframe-launch's scheduler).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from dataclasses import dataclass
 
 DEFAULT_PORT_OFFSET = 1
 
+# (name, rank variables, world-size variables, local-rank variable); the first variable set wins
 FAMILIES = (
-    ("KVFRAME", "KVFRAME_RANK", "KVFRAME_WORLD_SIZE", "KVFRAME_LOCAL_RANK"),
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("DMLC", "DMLC_WORKER_ID", "DMLC_NUM_WORKER", None),
+    ("KVFRAME", ("KVFRAME_RANK",), ("KVFRAME_WORLD_SIZE", "KVFRAME_NUM_WORKERS"), "KVFRAME_LOCAL_RANK"),
+    ("torchrun", ("RANK",), ("WORLD_SIZE",), "LOCAL_RANK"),
+    ("Open MPI", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("DMLC", ("DMLC_WORKER_ID", "KVFRAME_RANK"), ("DMLC_NUM_WORKER",), None),
 )
 
 
@@ -52,23 +57,35 @@ def _int(env: Mapping[str, str], name: str) -> int | None:
         raise LaunchEnvError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
+def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str | None, int | None]:
+    for name in names:
+        value = _int(env, name)
+        if value is not None:
+            return name, value
+    return None, None
+
+
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     """The rank and world size a launcher set, or None when no launcher variables are present."""
     env = os.environ if env is None else env
-    for source, rank_var, world_var, local_var in FAMILIES:
-        world = _int(env, world_var)
+    for role_var in ("KVFRAME_ROLE", "DMLC_ROLE"):
+        role = env.get(role_var, "").strip()
+        if role and role != "worker":
+            raise LaunchEnvError(f"{role_var}={role!r}: store 'nccl' runs in worker processes only (it has no "
+                                 "servers or scheduler)")
+    for source, rank_vars, world_vars, local_var in FAMILIES:
+        world_var, world = _first(env, world_vars)
         if world is None:
             continue
-        if source == "DMLC" and env.get("DMLC_ROLE", "worker") != "worker":
-            raise LaunchEnvError(f"DMLC_ROLE={env.get('DMLC_ROLE')!r}: store 'nccl' runs in worker processes only "
-                                 "(it has no servers or scheduler)")
-        rank = _int(env, rank_var)
+        _, rank = _first(env, rank_vars)
         if rank is None:
+            if source == "KVFRAME" and env.get("KVFRAME_RANK_FROM_MPI"):
+                continue  # kvframe-launch --launcher mpi: the MPI variables give the rank
             hint = ""
             if source == "DMLC":
                 hint = " (DMLC launchers number workers through the scheduler: set KVFRAME_RANK)"
-            raise LaunchEnvError(f"{world_var}={world} is set but {rank_var} is not: set the rank of each process "
-                                 f"in {rank_var} or KVFRAME_RANK{hint}")
+            raise LaunchEnvError(f"{world_var}={world} is set but {' / '.join(rank_vars)} is not: set the rank of "
+                                 f"each process in {rank_vars[0]} or KVFRAME_RANK{hint}")
         local = _int(env, local_var) if local_var else None
         if local is None and source != "KVFRAME":
             local = _int(env, "KVFRAME_LOCAL_RANK")
@@ -115,7 +132,8 @@ def rendezvous_address(env: Mapping[str, str] | None = None) -> tuple[str, int] 
     explicit = env.get("KVFRAME_NCCL_ADDR", "").strip()
     if explicit:
         return parse_address(explicit, "KVFRAME_NCCL_ADDR")
-    for host_var, port_var in (("MASTER_ADDR", "MASTER_PORT"), ("DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT")):
+    for host_var, port_var in (("MASTER_ADDR", "MASTER_PORT"), ("KVFRAME_ROOT_URI", "KVFRAME_ROOT_PORT"),
+                               ("DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT")):
         host = env.get(host_var, "").strip()
         port = _int(env, port_var)
         if host and port is not None:
