@@ -61,14 +61,32 @@ def read_states(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def check_states_for(optimizer: Optimizer, meta: dict, arrays: Mapping[str, np.ndarray],
-                     weights: Mapping[Hashable, tuple] | None = None) -> None:
-    """Refuse states written by another optimizer, or for other shapes than ``weights``
-    (key -> (shape, dtype)) or than the optimizer's own layout."""
+def _check_family(optimizer: Optimizer, meta: dict) -> None:
     mine, theirs = optimizer.config.type, meta.get("optimizer")
     if _family(str(theirs)) != _family(mine):
         raise StatesFormatError(f"these optimizer states were written by optimizer {theirs!r}; the optimizer set "
                                 f"now is {mine!r}: set_optimizer({theirs!r}, ...) first, or load matching states")
+
+
+def saved_config(optimizer: Optimizer, meta: dict) -> Any:
+    """The config dumped with the states (validated by the optimizer's model), or None."""
+    _check_family(optimizer, meta)
+    if "config" not in meta:
+        return None
+    try:
+        return type(optimizer.config).model_validate({**meta["config"], "type": optimizer.config.type})
+    except Exception as exc:  # pydantic.ValidationError
+        raise ConfigError(f"the optimizer config saved with the states is invalid: {exc}") from None
+
+
+def check_states_for(optimizer: Optimizer, meta: dict, arrays: Mapping[str, np.ndarray],
+                     weights: Mapping[Hashable, tuple] | None = None) -> None:
+    """Refuse states written by another optimizer, or for other shapes than ``weights``
+    (key -> (shape, dtype)) or than the optimizer's layout (under the dumped config, if any)."""
+    config = saved_config(optimizer, meta)
+    if config is not None:  # the states will come with this config: check the layout it gives
+        optimizer = type(optimizer)(config)
+    mine = optimizer.config.type
     for entry in meta.get("keys", []):
         key = entry["key"]
         shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
@@ -158,12 +176,7 @@ class Updater:
         config the optimizer also takes that config.  Nothing changes if the data is refused."""
         meta, arrays = read_states(data)
         opt = self.optimizer
-        config = None
-        if "config" in meta:
-            try:
-                config = type(opt.config).model_validate({**meta["config"], "type": opt.config.type})
-            except Exception as exc:  # pydantic.ValidationError
-                raise ConfigError(f"the optimizer config saved with the states is invalid: {exc}") from None
+        config = saved_config(opt, meta)
         check_states_for(opt, meta, arrays)
         states: dict[Hashable, KeyState] = {}
         for entry in meta.get("keys", []):

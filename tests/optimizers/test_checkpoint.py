@@ -198,3 +198,27 @@ def test_store_refuses_states_for_other_shapes_before_loading(tmp_path):
     kv4.set_optimizer("nag", momentum=0.9)
     with pytest.raises(StatesFormatError, match="'sgd'"):
         kv4.load_optimizer_states(tmp_path / "s.npz")
+
+
+def test_dumped_config_decides_the_layout():
+    """States saved with momentum and dump_optimizer load into an optimizer set without momentum:
+    the dumped config comes with them."""
+    upd = create_optimizer("sgd", momentum=0.9, learning_rate=0.1).create_updater()
+    w = np.ones(3, np.float32)
+    upd(0, np.ones(3, np.float32), w)
+    opt = create_optimizer("sgd")
+    opt.check_states(upd.get_states(dump_optimizer=True), {0: ((3,), np.float32)})
+    other = opt.create_updater()
+    other.set_states(upd.get_states(dump_optimizer=True))
+    assert opt.config.momentum == 0.9
+    w2 = w.copy()
+    upd(0, np.ones(3, np.float32), w)
+    other(0, np.ones(3, np.float32), w2)
+    np.testing.assert_array_equal(w, w2)
+
+
+def test_dumped_config_of_another_optimizer_names_it():
+    upd = create_optimizer("adam").create_updater()
+    upd(0, np.ones(3, np.float32), np.ones(3, np.float32))
+    with pytest.raises(StatesFormatError, match="'adam'"):
+        create_optimizer("sgd").create_updater().set_states(upd.get_states(dump_optimizer=True))
