@@ -219,3 +219,22 @@ def test_compression_with_non_contiguous_values_and_repeated_key(kv):
         want = want + dequantize_2bit(quantize_2bit(list(g.reshape(-1)), [np.float32(0)] * 16, 0.5), 16, 0.5)
     np.testing.assert_array_equal(out.reshape(-1), want)
     assert kv.backend.residual(0, 2) is not None  # three device slots, three residuals
+
+
+def test_optimizer_runs_on_the_merge_device_like_local():
+    pytest.importorskip("kvframe_optimizers")
+    results = []
+    for name in ("local", "device"):
+        kv = kvframe.create(name)
+        kv.set_optimizer("sgd", learning_rate=0.1, momentum=0.9, wd=0.01)
+        rng = np.random.default_rng(8)
+        kv.init(["w", "b"], [rng.standard_normal((5, 3)).astype(np.float32), np.ones(3, np.float32)])
+        for _ in range(4):
+            kv.push(["w", "b"], [[rng.standard_normal((5, 3)).astype(np.float32) for _ in range(3)],
+                                 [rng.standard_normal(3).astype(np.float32) for _ in range(3)]])
+        outs = [np.empty((5, 3), np.float32), np.empty(3, np.float32)]
+        kv.pull(["w", "b"], out=outs)
+        results.append(outs)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(results[0][1], np.ones(3, np.float32))
