@@ -222,3 +222,16 @@ def test_dumped_config_of_another_optimizer_names_it():
     upd(0, np.ones(3, np.float32), np.ones(3, np.float32))
     with pytest.raises(StatesFormatError, match="'adam'"):
         create_optimizer("sgd").create_updater().set_states(upd.get_states(dump_optimizer=True))
+
+
+def test_int_keyed_options_survive_the_json_config():
+    """JSON turns int keys of lr_mult/wd_mult/param_idx2name into strings; lookups still find them."""
+    cfg = {"learning_rate": 0.1, "wd": 0.5, "param_idx2name": {0: "fc_bias", 1: "fc_weight"}, "lr_mult": {1: 2.0}}
+    upd = create_optimizer("sgd", **cfg).create_updater()
+    for k in (0, 1):
+        upd(k, np.ones(2, np.float32), np.ones(2, np.float32))
+    opt = create_optimizer("sgd")
+    opt.create_updater().set_states(upd.get_states(dump_optimizer=True))
+    assert opt.config.param_idx2name == {"0": "fc_bias", "1": "fc_weight"}
+    assert (opt.wd_for(0), opt.wd_for(1)) == (0.0, 0.5)
+    assert opt.lr_for(1, 0.1) == pytest.approx(0.2) and opt.lr_for(0, 0.1) == pytest.approx(0.1)
