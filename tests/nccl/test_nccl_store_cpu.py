@@ -234,6 +234,10 @@ def test_refusals_are_clear_and_leave_the_store_unchanged(fake):
     np.testing.assert_array_equal(out, 1)
     with pytest.raises(ConfigError, match=r"devices \[0, 5\] include \[5\]"):
         kvframe.create("nccl", devices=[0, 5])
+    kv.close()
+    kv.close()  # twice is fine
+    with pytest.raises(NotSupportedError, match="closed"):
+        kv.push(0, fc.on(0, np.ones(3, np.float32)))
 
 
 def test_mode_multi_without_a_launcher_says_what_to_set(fake):

@@ -206,6 +206,10 @@ class NcclStore(StoreBackend):
                 events.append(s.record())
         return GpuHandle(events, what, self._timeout)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotSupportedError("this nccl store is closed: its NCCL communicators were destroyed")
+
     def _refuse_sparse(self, key: Any, a: Any) -> None:
         if isinstance(a, RowSparseArray):
             raise NotSupportedError(f"key {key!r}: store 'nccl' does not support row-sparse arrays (as in MXNet); "
@@ -227,6 +231,7 @@ class NcclStore(StoreBackend):
 
     def _per_device(self, keys: list, values: list[list], what: str) -> tuple[list, list[dict[int, list]]]:
         """Group repeated keys (their values are summed) and sort each key's arrays by device index."""
+        self._check_open()
         order: list = []
         grouped: dict = {}
         for k, vals in zip(keys, values):
@@ -290,26 +295,32 @@ class NcclStore(StoreBackend):
                     streams: list) -> None:
         """One NCCL group: for each unit, ``op`` ('reduce', 'allreduce' or 'broadcast') over all devices."""
         nccl = self._nccl
+        # everything that can fail is worked out before the group: a group issued on only some of
+        # the GPUs would leave the others waiting in NCCL
         codes = {}
+        for u in units:
+            if u.dtype.str not in codes:
+                codes[u.dtype.str] = cuda.nccl_dtype(u.dtype, nccl)
+        calls = []
+        for u, s_u, r_u in zip(units, sends, recvs):
+            if u.count == 0:
+                continue
+            for j in range(len(self._comms)):
+                send, recv = s_u[j], r_u[j]
+                sp = int(send.data.ptr) if send is not None else int(recv.data.ptr)
+                rp = int(recv.data.ptr) if recv is not None else sp
+                calls.append((j, sp, rp, u.count, codes[u.dtype.str]))
+        stream_ptrs = [int(s.ptr) for s in streams]
+        comms = self._comms
         nccl.groupStart()
         try:
-            for u, s_u, r_u in zip(units, sends, recvs):
-                if u.count == 0:
-                    continue
-                code = codes.get(u.dtype.str)
-                if code is None:
-                    code = codes[u.dtype.str] = cuda.nccl_dtype(u.dtype, nccl)
-                for j, comm in enumerate(self._comms):
-                    send, recv = s_u[j], r_u[j]
-                    sp = int(send.data.ptr) if send is not None else int(recv.data.ptr)
-                    rp = int(recv.data.ptr) if recv is not None else sp
-                    stream = streams[j].ptr
-                    if op == "allreduce":
-                        comm.allReduce(sp, rp, u.count, code, nccl.NCCL_SUM, stream)
-                    elif op == "reduce":
-                        comm.reduce(sp, rp, u.count, code, nccl.NCCL_SUM, ROOT, stream)
-                    else:
-                        comm.broadcast(sp, rp, u.count, code, ROOT, stream)
+            for j, sp, rp, count, code in calls:
+                if op == "allreduce":
+                    comms[j].allReduce(sp, rp, count, code, nccl.NCCL_SUM, stream_ptrs[j])
+                elif op == "reduce":
+                    comms[j].reduce(sp, rp, count, code, nccl.NCCL_SUM, ROOT, stream_ptrs[j])
+                else:
+                    comms[j].broadcast(sp, rp, count, code, ROOT, stream_ptrs[j])
         finally:
             nccl.groupEnd()
 
@@ -329,6 +340,7 @@ class NcclStore(StoreBackend):
 
     # data ------------------------------------------------------------------------------------
     def init(self, keys: list, values: list) -> None:
+        self._check_open()
         cp = self._cp
         for k, v in zip(keys, values):  # check everything before storing anything
             self._refuse_sparse(k, v)
@@ -396,6 +408,7 @@ class NcclStore(StoreBackend):
         return units
 
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+        self._check_open()
         placed = []
         for k, os_ in zip(keys, outs):
             if k in self._no_value:
