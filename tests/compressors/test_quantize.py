@@ -20,6 +20,8 @@ def test_2bit_matches_reference_over_steps(make, n, threshold):
     steps = 12 if n < 1000 else 3
     for _ in range(steps):
         g = (rng.standard_normal(n) * threshold).astype(np.float32)
+        g[::5], g[2::5] = np.float32(threshold), np.float32(threshold) / 2  # exactly on the threshold
+        g[3::7] = -np.float32(threshold)
         payload = comp.encode(g, res)
         want = quantize_2bit(list(g), ref_res, threshold)
         assert payload.dtype == np.uint8 and payload.tobytes() == want
@@ -39,6 +41,7 @@ def test_1bit_matches_reference_over_steps(make, n, threshold):
     ref_res = [np.float32(0)] * n
     for _ in range(10 if n < 1000 else 3):
         g = rng.standard_normal(n).astype(np.float32)
+        g[::3] = np.float32(threshold) - res[::3]  # residuals land exactly on the threshold
         payload = comp.encode(g, res)
         want = quantize_1bit(list(g), ref_res, threshold)
         assert payload.tobytes() == want
