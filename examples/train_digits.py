@@ -112,30 +112,46 @@ class SimpleBar:
     """A tiny progress bar on stderr, used when tqdm is not installed."""
 
     def __init__(self, total: int, desc: str, disable: bool):
-        self.total, self.desc, self.disable, self.n = total, desc, disable, 0
+        self.total, self.desc, self.disable, self.n, self.postfix = total, desc, disable, 0, ""
+
+    def _draw(self) -> None:
+        if not self.disable:
+            filled = int(30 * self.n / self.total)
+            sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total}"
+                             f"{'  ' + self.postfix if self.postfix else ''}")
+            sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if not self.disable:
-            filled = int(30 * self.n / self.total)
-            sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total}")
-            sys.stderr.flush()
+        self._draw()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
 
     def set_postfix_str(self, s: str) -> None:
-        pass
+        self.postfix = s
+
+    def write(self, line: str) -> None:
+        if not self.disable:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        print(line, flush=True)
+        self._draw()
 
     def close(self) -> None:
         if not self.disable:
-            sys.stderr.write("\r" + " " * (len(self.desc) + 45) + "\r")
+            sys.stderr.write("\n")
             sys.stderr.flush()
 
 
 def progress(total: int, desc: str, disable: bool):
+    """One bar over the whole run (tqdm when installed); epoch lines go through ``bar.write``."""
     try:
         from tqdm import tqdm
     except ImportError:
         return SimpleBar(total, desc, disable)
-    return tqdm(total=total, desc=desc, disable=disable, leave=False, ncols=90, file=sys.stderr)
+    return tqdm(total=total, desc=desc, disable=disable, ncols=100, file=sys.stderr, unit="step",
+                mininterval=0.05)
 
 
 # launching --------------------------------------------------------------------------------------
@@ -204,12 +220,22 @@ def train(args: argparse.Namespace, cfg) -> dict:
     kv.pull(KEYS, out=copies)
     worker_sgd = None if on_store else sgd_on_worker(args.momentum, args.lr, 1.0 / batch)
 
+    # the bar goes to a terminal (not to a pipe, e.g. under kvframe-launch), unless --progress
+    show_bar = not quiet and not args.no_progress and (args.progress or sys.stderr.isatty())
     steps = len(x_train) // batch  # the last, partial batch is dropped (the order changes every epoch)
     history = []
+    bar = progress(epochs * steps, f"epoch 1/{epochs}", disable=not show_bar)
+
+    def epoch_line(line: str) -> None:
+        if show_bar:
+            bar.write(line)  # above the bar, which stays at the bottom
+        else:
+            say(line, flush=True)
+
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         order = np.random.default_rng([args.seed, epoch]).permutation(len(x_train))
-        bar = progress(steps, f"epoch {epoch}/{epochs}", disable=quiet or args.no_progress)
+        bar.set_description(f"epoch {epoch}/{epochs}")
         running = 0.0
         for s in range(steps):
             idx = order[s * batch:(s + 1) * batch]
@@ -232,15 +258,15 @@ def train(args: argparse.Namespace, cfg) -> dict:
                         worker_sgd((k, d), grads_per_key[k][d], copies[k][d])
             bar.update(1)
             if s % 5 == 4:
-                bar.set_postfix_str(f"loss {running / ((s + 1) * batch / nworkers):.3f}")
-        bar.close()
+                bar.set_postfix_str(f"running loss {running / ((s + 1) * batch / nworkers):.3f}")
         weights = [c[0] for c in copies]
         train_loss, train_acc = evaluate(weights, x_train, y_train)
         test_loss, test_acc = evaluate(weights, x_test, y_test)
         history.append({"epoch": epoch, "loss": train_loss, "train_accuracy": train_acc,
                         "test_loss": test_loss, "accuracy": test_acc})
-        say(f"epoch {epoch:>2}/{epochs}  loss {train_loss:.4f}  train acc {train_acc:6.2%}  "
-            f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}", flush=True)
+        epoch_line(f"epoch {epoch:>2}/{epochs}  loss {train_loss:.4f}  train acc {train_acc:6.2%}  "
+                   f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}")
+    bar.close()
     elapsed = time.perf_counter() - t0
     # every device holds the same weights
     for c in copies:
@@ -274,6 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the worker-side SGD (no [optimizer])")
     ap.add_argument("--momentum", type=float, default=0.9, help="momentum of the worker-side SGD (no [optimizer])")
+    ap.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is no terminal")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--quiet", action="store_true", help="print only the final line")
     ap.add_argument("--json", help="write the final metrics and history here ({rank} is replaced by the rank)")

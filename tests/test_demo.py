@@ -1,7 +1,6 @@
 """The main job, examples/train_digits.py, end to end: local (the default), device, 2bit, dist_sync."""
 
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -44,8 +43,9 @@ def write_cfg(tmp_path, text, name="cfg.toml"):
 
 
 def test_default_run_is_local_and_learns(tmp_path):
+    """The README's main job: no arguments but --progress (a pipe is no terminal) and --json."""
     needs("optimizers", "sgd")
-    proc, res = run_demo(tmp_path=tmp_path)
+    proc, res = run_demo("--progress", tmp_path=tmp_path)
     r = res[0]
     assert r["store"] == "local" and r["num_workers"] == 1 and r["devices"] == 2 and r["optimizer"] == "sgd"
     assert r["epochs"] == 15 and len(r["history"]) == 15
@@ -147,16 +147,20 @@ def test_invalid_config_is_refused_before_training(tmp_path):
     assert "epoch" not in proc.stdout
 
 
-def test_simple_progress_bar_without_tqdm(monkeypatch):
+def test_simple_progress_bar_without_tqdm(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("train_digits_under_test", DEMO)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
     bar = mod.SimpleBar(4, "epoch 1/2", disable=False)
     bar.update()
     bar.update()
-    assert err.getvalue().endswith("epoch 1/2 [" + "#" * 15 + "." * 15 + "] 2/4")
+    assert capsys.readouterr().err.endswith("epoch 1/2 [" + "#" * 15 + "." * 15 + "] 2/4")
+    bar.set_description("epoch 2/2")
+    bar.set_postfix_str("loss 0.5")
+    bar.write("epoch  1/2  loss 0.9")
+    got = capsys.readouterr()
+    assert got.out == "epoch  1/2  loss 0.9\n"
+    assert got.err.endswith("epoch 2/2 [" + "#" * 15 + "." * 15 + "] 2/4  loss 0.5")
     bar.close()
 
 
