@@ -35,14 +35,20 @@ class FakeArray(np.ndarray):
 
     @property
     def device(self):
-        return types.SimpleNamespace(id=self._dev)
+        return Device(self._dev)
 
     @property
     def data(self):  # cupy's MemoryPointer: .ptr is the first element's address
         return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
 
-    def get(self):
+    def get(self, out=None):
+        if out is not None:
+            out[...] = self
+            return out
         return np.array(self, copy=True).view(np.ndarray)
+
+    def set(self, a):
+        self[...] = a
 
     def copy(self, order="C"):  # cupy copies to the *current* device
         out = np.array(self, copy=True, order=order).view(FakeArray)
