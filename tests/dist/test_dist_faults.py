@@ -98,7 +98,8 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
                 assert gs.poll(5000), header
                 return good.recv(gs)[1]
             bad = [
-                ({"op": "push", "id": 3, "items": [[0, 0, "raw"]], "sync": True}, [np.zeros(3, np.float32)], "expected 10"),
+                ({"op": "push", "id": 3, "items": [[0, 0, "raw"]], "sync": True}, [np.zeros(3, np.float32)],
+                 "expected 10"),
                 ({"op": "push", "id": 4, "items": [[999, 0, "raw"]]}, [np.zeros(10, np.float32)], "unknown key 999"),
                 ({"op": "init", "id": 5, "items": [[50, 0, "complex64", [2], None]]}, [b"x" * 16], "cannot travel"),
                 ({"op": "init", "id": 6, "items": [[51, 0, "float32", [4], None]]}, [b"x" * 12], "expected 4"),

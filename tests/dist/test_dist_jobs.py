@@ -101,7 +101,8 @@ def test_async_applies_each_push_and_needs_an_optimizer(tmp_path):
     assert any("dist_async needs an optimizer" in ln for ln in job.lines("worker 0")), job.out
 
 
-def test_big_array_is_split_evenly_over_servers(tmp_path):
+@pytest.mark.parametrize("path", ["shm", "sockets"])
+def test_big_array_is_split_evenly_over_servers(tmp_path, path):
     job = run_job(tmp_path, """
         n = 1_500_001
         kv.init("w", np.zeros(n, np.float32))
@@ -113,9 +114,28 @@ def test_big_array_is_split_evenly_over_servers(tmp_path):
         out = np.empty(n, np.float32)
         kv.pushpull("w", g, out=out)
         assert np.array_equal(out, np.arange(n, dtype=np.float32) * 3)
+        kv.barrier()
+        if rank == 0:        # two pushes from one worker make a round (as in MXNet); the second waits for the first
+            kv.push("w", g)
+            kv.push("w", g * 2)
+        kv.barrier()
+        kv.pull("w", out=out)
+        assert np.array_equal(out, np.arange(n, dtype=np.float32) * 3)
+        kv.barrier()
+        kv.push(["w", "w"], [g, g])                     # a key twice in one call: summed on the worker
+        kv.pull("w", out=out)
+        assert np.array_equal(out, np.arange(n, dtype=np.float32) * 6)
+        d = os.environ.get("KVFRAME_SHM_DIR")
+        print("SHM", sorted(os.listdir(d)) if d else None)
+        kv.barrier()
         print("DONE")
-    """)
+    """, launcher_args=() if path == "shm" else ("--no-shm",))
     assert_ok(job)
+    shm = job.lines("worker 0")[0]
+    if path == "shm":   # each worker's push files and each server's value files, one per shard
+        assert shm == "SHM ['s0-k0-p0', 's1-k0-p1', 'w0-k0-p0', 'w0-k0-p1', 'w1-k0-p0', 'w1-k0-p1']", job.out
+    else:
+        assert shm == "SHM None", job.out
 
 
 def test_string_keys_map_to_ints_in_init_order(tmp_path):

@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="the scheduler's port (default: a free one)")
     p.add_argument("--host-ip", help="the scheduler's address for ssh/mpi (default: this host's address)")
     p.add_argument("--ipc", action="store_true", help="local: servers listen on unix sockets")
+    p.add_argument("--no-shm", action="store_true",
+                   help="local: large arrays go over the sockets too (default: through a private /dev/shm directory)")
     p.add_argument("--grace", type=float, default=None,
                    help="seconds the others get to exit after a failure (default: heartbeat timeout + 5)")
     p.add_argument("--python", default=sys.executable, help="python for scheduler and servers")
@@ -280,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
             envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(p.env.items()))
             print(f"# {p.name}\n{envs + ' ' if envs else ''}{shlex.join(p.argv)}")
         return 0
+    shm = None
+    if args.launcher == "local" and not args.no_shm and "KVFRAME_SHM_DIR" not in os.environ:
+        import tempfile
+
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        shm = tempfile.mkdtemp(prefix="kvframe-", dir=base)  # mode 0700: this user only
+        for p in procs:
+            p.env["KVFRAME_SHM_DIR"] = shm
     grace = args.grace
     if grace is None:
         grace = float(os.environ.get("KVFRAME_HEARTBEAT_TIMEOUT", "15")) + 5
@@ -289,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    launcher.start()
-    return launcher.wait()
+    try:
+        launcher.start()
+        return launcher.wait()
+    finally:
+        if shm is not None:
+            import shutil
+
+            shutil.rmtree(shm, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from kvframe.arrays import RowSparseArray
 from kvframe_dist.env import NodeEnv, node_env
 from kvframe_dist.node import register
 from kvframe_dist.proto import wire_dtype
+from kvframe_dist.shm import HEADER, MIN_BYTES, Segment, shm_dir
 from kvframe_dist.transport import BadMessage, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.server")
@@ -49,6 +50,7 @@ class Deferred:
     op: str
     items: list
     waiting: int
+    shm: bool = False
 
 
 @dataclass
@@ -60,6 +62,8 @@ class ShardState:
     deferred: list = field(default_factory=list)
     merge: np.ndarray | None = None
     trackers: list = field(default_factory=list)
+    seg: Segment | None = None  # the value lives in shared memory (local jobs)
+    acks: list = field(default_factory=list)  # pushes from shared memory waiting for this round
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until no zero-copy reply still reads ``data``."""
@@ -101,6 +105,8 @@ class Server:
         self.compressor: Any = None
         self.reducer = Reducer(bigarray_bound=env.bigarray_bound)
         self.commands: list = []
+        self.shm_dir = shm_dir()
+        self.push_segs: dict[str, Segment] = {}
         self.stats = {"pushes": 0, "pulls": 0, "dropped": 0, "errors": 0}
         self.exit_code: int | None = None
 
@@ -157,14 +163,33 @@ class Server:
             arr = self._array(frame, dtype, count, f"init of key {k} part {p}")
             if (k, p) in self.shards:
                 raise RequestError(f"duplicate init of key {name if name is not None else k} (part {p})")
-            new[(k, p)] = ShardState(name if isinstance(name, str) else k, arr.reshape(shape).copy())
+            key = name if isinstance(name, str) else k
+            if self.shm_dir is not None and arr.nbytes >= MIN_BYTES and (k, p) not in new:
+                seg = Segment(self.shm_dir, f"s{self.rank}-k{k}-p{p}", arr.nbytes, create=True, offset=HEADER)
+                data = seg.array(dtype, tuple(shape))
+                data[...] = arr.reshape(shape)
+                new[(k, p)] = ShardState(key, data, seg=seg)
+            else:
+                new[(k, p)] = ShardState(key, arr.reshape(shape).copy())
         self.shards.update(new)
         self._reply(ident, {"op": "ok", "id": rid})
 
-    def _decode_push(self, st: ShardState, item: list, frames: list, pos: int) -> tuple[Any, int]:
+    def _decode_push(self, st: ShardState, item: list, frames: list, pos: int, ident: bytes) -> tuple[Any, int]:
         """The pushed value of one item: (value, frames used)."""
         enc = item[2] if len(item) > 2 else None
         what = f"push of key {st.key!r} part {item[1]}"
+        if enc == "shm":
+            name = item[3] if len(item) > 3 else None
+            expected = f"{ident.decode(errors='replace')}-k{item[0]}-p{item[1]}"
+            if self.shm_dir is None or name != expected:
+                raise RequestError(f"{what}: shared memory {name!r} refused (expected {expected!r} in a local job)")
+            seg = self.push_segs.get(name)
+            if seg is None or seg.nbytes != st.data.nbytes:
+                try:
+                    seg = self.push_segs[name] = Segment(self.shm_dir, name, st.data.nbytes, create=False)
+                except (OSError, ValueError) as exc:
+                    raise RequestError(f"{what}: cannot map shared memory {name!r}: {exc}") from None
+            return seg.array(st.data.dtype, (st.data.size,)), 0
         if pos >= len(frames):
             raise RequestError(f"{what}: its data frame is missing")
         if enc == "raw":
@@ -185,8 +210,9 @@ class Server:
             return RowSparseArray.from_rows(data.reshape((rows.size,) + st.data.shape[1:]), rows, st.data.shape), 2
         raise RequestError(f"{what}: unknown encoding {enc!r}")
 
-    def _push(self, ident: bytes, rid: Any, h: dict, frames: list) -> list:
-        """Queue or apply each item; returns the shard keys that were pushed (for pushpull)."""
+    def _push(self, ident: bytes, rid: Any, h: dict, frames: list, ack: bool = True) -> list:
+        """Queue or apply each item; returns the shard keys that were pushed (for pushpull).
+        Items from shared memory are also answered with ``consumed`` once their round used them."""
         items = h.get("items")
         if not isinstance(items, list):
             raise RequestError("push without items")
@@ -198,12 +224,17 @@ class Server:
         pos = 0
         for item in items:  # check everything before changing anything
             sk, st = self._shard(item)
-            value, used = self._decode_push(st, item, frames, pos)
+            value, used = self._decode_push(st, item, frames, pos, ident)
             pos += used
             decoded.append((sk, st, value))
         if pos != len(frames):
             raise RequestError(f"push: {len(frames)} data frames for {len(items)} items")
         self.stats["pushes"] += 1
+        for (_, st, _), item in zip(decoded, items):
+            if item[2] == "shm":  # tell the worker when its file may be written again
+                st.acks.append(ident)
+        if ack:
+            self._reply(ident, {"op": "ok", "id": rid})
         for sk, st, value in decoded:
             if sync:
                 st.pending.append(value)
@@ -247,6 +278,25 @@ class Server:
         """A round of this shard is complete: apply it and answer the pulls waiting for it."""
         st.settle()
         values = st.pending
+        if st.seg is not None:
+            st.seg.begin_write()
+        try:
+            self._apply(st, values)
+        finally:
+            if st.seg is not None:
+                st.seg.end_write()
+        st.pending = []
+        st.pushers = []
+        acks, st.acks = st.acks, []
+        for who in acks:
+            self._reply(who, {"op": "consumed", "items": [list(sk)]})
+        waiting, st.deferred = st.deferred, []
+        for d in waiting:
+            d.waiting -= 1
+            if d.waiting == 0:
+                self._send_values(d.ident, d.rid, d.items, d.shm)
+
+    def _apply(self, st: ShardState, values: list) -> None:
         if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
             self.reducer.sum_into(st.data.reshape(-1), values)  # assign the sum
         else:
@@ -258,23 +308,24 @@ class Server:
                 st.data[merged.indices] = merged.data
             else:
                 self.reducer.copy_into(st.data, merged)
-        st.pending = []
-        st.pushers = []
-        waiting, st.deferred = st.deferred, []
-        for d in waiting:
-            d.waiting -= 1
-            if d.waiting == 0:
-                self._send_values(d.ident, d.rid, d.items)
 
-    def _send_values(self, ident: bytes, rid: Any, sks: list) -> None:
+    def _send_values(self, ident: bytes, rid: Any, sks: list, shm: bool = False) -> None:
         frames = []
         tracked = []
+        names = []
         for sk in sks:
             st = self.shards[sk]
+            if shm and st.seg is not None:
+                names.append(st.seg.name)
+                continue
+            names.append(None)
             frames.append(st.data.reshape(-1))
             tracked.append(st)
         trackers: list = []
-        self._reply(ident, {"op": "data", "id": rid}, frames, track_into=trackers)
+        header = {"op": "data", "id": rid}
+        if shm:
+            header["shm"] = names
+        self._reply(ident, header, frames, track_into=trackers)
         if trackers:
             for st in tracked:
                 st.trackers.extend(trackers)
@@ -286,11 +337,12 @@ class Server:
             if not isinstance(items, list):
                 raise RequestError("pull without items")
             sks = [self._shard(item)[0] for item in items]
+        shm = bool(h.get("shm")) and self.shm_dir is not None and bool(h.get("sync", True))
         waits = [self.shards[sk] for sk in sks if ident in self.shards[sk].pushers]
         if not waits:
-            self._send_values(ident, rid, sks)
+            self._send_values(ident, rid, sks, shm)
             return
-        d = Deferred(ident, rid, "pull", sks, len(waits))
+        d = Deferred(ident, rid, "pull", sks, len(waits), shm)
         for st in waits:
             st.deferred.append(d)
 
@@ -376,11 +428,10 @@ class Server:
         try:
             if op == "push":
                 self._push(ident, rid, h, frames)
-                self._reply(ident, {"op": "ok", "id": rid})
             elif op == "pull":
                 self._pull(ident, rid, h)
             elif op == "pushpull":
-                sks = self._push(ident, rid, h, frames)
+                sks = self._push(ident, rid, h, frames, ack=False)
                 self._pull(ident, rid, h, sks)
             elif op == "init":
                 self._init(ident, rid, h, frames)
@@ -453,6 +504,11 @@ class Server:
                 if self.exit_code == 0:
                     self.transport.send(self.sched, {"op": "bye", "role": "server", "rank": self.rank})
             finally:
+                for st in self.shards.values():
+                    if st.seg is not None:
+                        st.seg.close()
+                for seg in self.push_segs.values():
+                    seg.close()
                 self.sock.close(linger=1000)
                 self.sched.close(linger=1000)
                 self.transport.close()

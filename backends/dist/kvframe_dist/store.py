@@ -31,6 +31,7 @@ from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.env import NodeEnv, node_env, role_from_env
 from kvframe_dist.node import Heartbeat, register
 from kvframe_dist.proto import Shard, dtype_name, pack_states, plan, unpack_states
+from kvframe_dist.shm import HEADER, MIN_BYTES, Segment, shm_dir
 from kvframe_dist.transport import BadMessage, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.worker")
@@ -141,6 +142,9 @@ class DistStore(StoreBackend):
         self._residuals: dict[tuple[int, int], Any] = {}
         self._compressor: Any = None
         self._hb: Heartbeat | None = None
+        self.shm = shm_dir()
+        self._push_segs: dict[tuple[int, int], list] = {}  # (kid, part) -> [Segment, pushes not yet consumed]
+        self._server_segs: dict[str, tuple[Segment, np.ndarray]] = {}
         self.sched = self.transport.dealer(env.scheduler_addr)
         try:
             welcome = register(self.transport, self.sched, env, "worker")
@@ -210,6 +214,12 @@ class DistStore(StoreBackend):
                     _, h, frames = self.transport.recv(sock)
                 except BadMessage as exc:
                     log.warning("worker %d dropped a message from server %d: %s", self._rank, server, exc)
+                    continue
+                if h["op"] == "consumed":
+                    for it in h.get("items", []):
+                        slot = self._push_segs.get(tuple(it))
+                        if slot is not None and slot[1] > 0:
+                            slot[1] -= 1
                     continue
                 req = self._pending.pop(h.get("id"), None)
                 if req is None:
@@ -351,6 +361,17 @@ class DistStore(StoreBackend):
             buf = self._buffers[info.kid] = np.empty(info.shape, info.dtype)
         return self.reducer.sum_into(buf, [_as_host(v) for v in vals])
 
+    def _push_segment(self, info: KeyInfo, sh: Shard, nbytes: int) -> list | None:
+        """This worker's shared-memory file for a shard, or None while the server has not consumed
+        the previous push from it (its round is still open: that push then goes over the socket)."""
+        slot = self._push_segs.get((info.kid, sh.part))
+        if slot is None:
+            seg = Segment(self.shm, f"w{self._rank}-k{info.kid}-p{sh.part}", nbytes, create=True)
+            slot = self._push_segs[(info.kid, sh.part)] = [seg, 0]
+        if slot[1] > 0:
+            self._drain(0)
+        return slot if slot[1] == 0 else None
+
     def _push_items(self, keys: list, values: list[list]) -> dict[int, tuple[list, list]]:
         grouped: dict = {}
         for k, vals in zip(keys, values):
@@ -379,6 +400,11 @@ class DistStore(StoreBackend):
                     payload = np.ascontiguousarray(_as_host(self._compressor.encode(part, res)))
                     items.append([info.kid, sh.part, "comp", dtype_name(payload.dtype)])
                     frames.append(payload.reshape(-1))
+                elif self.shm is not None and part.nbytes >= MIN_BYTES and \
+                        (slot := self._push_segment(info, sh, part.nbytes)) is not None:
+                    np.copyto(slot[0].array(info.dtype, (part.size,)), part)
+                    items.append([info.kid, sh.part, "shm", slot[0].name])
+                    slot[1] += 1  # busy until the server says it consumed it
                 else:
                     items.append([info.kid, sh.part, "raw"])
                     frames.append(part)
@@ -396,13 +422,30 @@ class DistStore(StoreBackend):
         if len(self._pending) > 4096:  # bound the acknowledgements in flight
             self._drain(0)
 
-    def _placer(self, targets: list[tuple[KeyInfo, Shard, list]]):
+    def _server_array(self, server: int, info: KeyInfo, sh: Shard, name: Any) -> tuple[Segment, np.ndarray]:
+        expected = f"s{server}-k{info.kid}-p{sh.part}"
+        if name != expected or self.shm is None:
+            raise ValueError(f"shared memory {name!r} refused (expected {expected!r})")
+        got = self._server_segs.get(name)
+        if got is None:
+            nbytes = (sh.hi - sh.lo) * info.dtype.itemsize
+            seg = Segment(self.shm, name, nbytes, create=False, offset=HEADER)
+            got = self._server_segs[name] = (seg, seg.array(info.dtype, (sh.hi - sh.lo,)))
+        return got
+
+    def _placer(self, targets: list[tuple[KeyInfo, Shard, list]], server: int = -1):
         """Reply handler writing each item's frame into the flat views of its outputs."""
         def on_data(h: dict, frames: list) -> None:
-            if len(frames) != len(targets):
+            names = h.get("shm") or [None] * len(targets)
+            if len(names) != len(targets) or len(frames) != sum(n is None for n in names):
                 raise ValueError(f"{len(frames)} frames for {len(targets)} items")
-            for (info, sh, views), frame in zip(targets, frames):
-                arr = np.frombuffer(frame.buffer, dtype=info.dtype)
+            frames = iter(frames)
+            for (info, sh, views), name in zip(targets, names):
+                if name is not None:
+                    seg, src = self._server_array(server, info, sh, name)
+                    seg.read_into(src, [v[sh.lo:sh.hi] for v in views], self.timeout)
+                    continue
+                arr = np.frombuffer(next(frames).buffer, dtype=info.dtype)
                 if arr.size != sh.hi - sh.lo:
                     raise ValueError(f"key {info.name!r}: {arr.size} values for a shard of {sh.hi - sh.lo}")
                 for v in views:
@@ -463,8 +506,11 @@ class DistStore(StoreBackend):
                 pitems, frames = per_server_push.get(s, ([], []))
                 header = {"op": "pushpull", "items": pitems, "sync": self.sync}
             else:
-                header, frames = {"op": "pull", "items": items[s]}, []
-            reqs.append(self._send(s, header, frames, what=what, on_data=self._placer(targets[s])))
+                pitems = None
+                header, frames = {"op": "pull", "items": items[s], "sync": self.sync}, []
+            if self.shm is not None and self.sync:
+                header["shm"] = 1
+            reqs.append(self._send(s, header, frames, what=what, on_data=self._placer(targets[s], s)))
         return reqs, after
 
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
@@ -608,6 +654,10 @@ class DistStore(StoreBackend):
                 self._hb.join(5)
             for s in self.servers:
                 s.close(linger=0)
+            for slot in self._push_segs.values():
+                slot[0].close()
+            for seg, _ in self._server_segs.values():
+                seg.close()
             self.sched.close(linger=1000)
             self.reducer.close()
             self.transport.close()
