@@ -27,8 +27,12 @@ COMPRESSIONS = [None, "2bit", "1bit"]
 NDEV = 4
 
 
-def kvframe_times(quick: bool) -> dict:
-    res = {}
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
+def kvframe_times(quick: bool) -> tuple[dict, dict]:
+    res, wire = {}, {}
     rng = np.random.default_rng(0)
     for size in SIZES:
         vals = [rng.standard_normal(size, dtype=np.float32) for _ in range(NDEV)]
@@ -38,6 +42,8 @@ def kvframe_times(quick: bool) -> dict:
                 kv.set_gradient_compression({"type": comp, "threshold": 0.5})
             kv.init(0, np.zeros(size, np.float32))
             out = np.zeros(size, np.float32)
+            comp_obj = kv.backend.compressor
+            wire[(size, comp)] = comp_obj.compressed_nbytes(size) if comp_obj else size * 4
 
             def step(kv=kv, out=out, vals=vals):
                 kv.push(0, vals)
@@ -46,7 +52,7 @@ def kvframe_times(quick: bool) -> dict:
             reps = 10 if size <= 1 << 20 else 5
             res[(size, comp)] = best_time(step, 2 if quick else reps, rounds=2 if quick else 3)
             kv.close()
-    return res
+    return res, wire
 
 
 _MX_LINE = re.compile(r"mx device ndev=4 size=(\d+) comp=(\S+): ([\d.]+) ms/iter")
@@ -69,7 +75,7 @@ def mxnet_times() -> tuple[dict, str]:
 
 def main(argv: list[str]) -> str:
     quick = "--quick" in argv
-    ours = kvframe_times(quick)
+    ours, wire = kvframe_times(quick)
     mx, notes = mxnet_times() if "--no-mxnet" not in argv else ({}, "")
     rows = []
     for size in SIZES:
@@ -77,11 +83,13 @@ def main(argv: list[str]) -> str:
             t = ours[(size, comp)]
             m = mx.get((size, comp))
             gb = NDEV * size * 4 / 1e9
-            rows.append([f"2^{size.bit_length() - 1}", comp or "none", f"{t * 1e3:.2f}", f"{gb / t:.2f}",
+            sent = wire[(size, comp)]
+            rows.append([f"2^{size.bit_length() - 1}", comp or "none", f"{_mib(sent)} ({size * 4 // sent}x)",
+                         f"{t * 1e3:.2f}", f"{gb / t:.2f}",
                          f"{m * 1e3:.2f}" if m else "-", f"{gb / m:.2f}" if m else "-",
                          f"{m / t:.1f}x" if m else "-"])
     text = ("### device store, 4 CPU copies: push + pull, float32 (ms per iteration; GB/s of gradients pushed)\n\n"
-            + table(["size", "compression", "kvframe ms/iter", "kvframe GB/s", "MXNet 1.9.1 ms/iter",
+            + table(["size", "compression", "sent per copy", "kvframe ms/iter", "kvframe GB/s", "MXNet 1.9.1 ms/iter",
                      "MXNet GB/s", "speed-up"], rows))
     if notes:
         text += f"\n\nMXNet 1.9.1: {notes}"
