@@ -87,6 +87,7 @@ class NcclStore(StoreBackend):
         self._no_value: set = set()
         self._updater: Any = None
         self._plans: dict[tuple, list[buckets.Unit]] = {}
+        self._codes: dict[str, int] = {}  # numpy dtype.str -> NCCL dtype code
         self._closed = False
         self._barrier_buf = None
         launch = self._launch_info(config)
@@ -297,7 +298,7 @@ class NcclStore(StoreBackend):
         nccl = self._nccl
         # everything that can fail is worked out before the group: a group issued on only some of
         # the GPUs would leave the others waiting in NCCL
-        codes = {}
+        codes = self._codes
         for u in units:
             if u.dtype.str not in codes:
                 codes[u.dtype.str] = cuda.nccl_dtype(u.dtype, nccl)
@@ -498,7 +499,9 @@ class NcclStore(StoreBackend):
         units = self._plan(order)
         streams = [self._stream(j) for j in range(len(self._devices))]
         sends = self._send_buffers(units, contribs)
-        direct_sends = _Ranges([_span(s) for s_u, u in zip(sends, units) if not u.packed for s in s_u])
+        # with several units an output may alias another unit's input; with one, only its own
+        direct_sends = _Ranges([_span(s) for s_u, u in zip(sends, units) if not u.packed for s in s_u]) \
+            if len(units) > 1 else None
         recvs = []
         for u, s_u in zip(units, sends):
             r_u = []
@@ -510,8 +513,11 @@ class NcclStore(StoreBackend):
                         cand = os_[0].reshape(-1)
                         lo, hi = _span(cand)
                         # in place (out is the value) is fine; any other overlap with what the group reads is not
-                        allowed = 1 if _span(s_u[j]) == (lo, hi) else 0
-                        if direct_sends.overlapping(lo, hi) == allowed:
+                        own = _span(s_u[j])
+                        if direct_sends is not None:
+                            if direct_sends.overlapping(lo, hi) == (1 if own == (lo, hi) else 0):
+                                recv = cand
+                        elif own == (lo, hi) or hi <= own[0] or own[1] <= lo:
                             recv = cand
                 if recv is None:
                     with cp.cuda.Device(d):
