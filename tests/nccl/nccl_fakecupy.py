@@ -226,6 +226,9 @@ class NcclCommunicator:
     def destroy(self):
         self.destroyed = True
 
+    def abort(self):
+        self.destroyed = self.aborted = True
+
 
 def groupStart():
     if getattr(_tls, "group", 0) == 0:

@@ -307,3 +307,23 @@ def test_multi_process_mode_two_ranks_over_the_real_rendezvous(fake):
         np.testing.assert_array_equal(b, -2)
         np.testing.assert_array_equal(c, -1)
         assert results[(rank, "who")] == (rank, 2, [rank])
+
+
+def test_a_hung_collective_times_out_and_aborts_the_communicator(fake, monkeypatch):
+    kv = kvframe.create("nccl", rank=0, world_size=1, timeout=0.2)
+    kv.init(0, np.zeros(3, np.float32))
+    comm = kv.backend._comms[0]
+    monkeypatch.setattr(fc.Event, "done", False)  # the GPU never finishes
+    with pytest.raises(kvframe.errors.KVTimeoutError, match=r"timed out after 0.2 s .*pushpull of keys \[0\]"):
+        kv.pushpull(0, fc.on(0, np.ones(3, np.float32)))
+    monkeypatch.setattr(fc.Event, "done", True)
+    # world size 1: nothing to abort; the store still works
+    kv.pushpull(0, fc.on(0, np.ones(3, np.float32)))
+    # across processes the communicator is aborted and the store closed
+    kv.backend._world = 2
+    monkeypatch.setattr(fc.Event, "done", False)
+    with pytest.raises(kvframe.errors.KVTimeoutError, match="communicator was aborted"):
+        kv.barrier()
+    assert getattr(comm, "aborted", False)
+    with pytest.raises(NotSupportedError, match="closed"):
+        kv.pull(0, out=fc.on(0, np.zeros(3, np.float32)))

@@ -39,10 +39,11 @@ ROOT = 0  # index of the first GPU in this process's device list, and NCCL rank 
 class GpuHandle(Handle):
     """Done when the CUDA events recorded after a call's work have completed."""
 
-    def __init__(self, events: list, what: str, timeout: float):
+    def __init__(self, events: list, what: str, timeout: float, on_timeout: Any = None):
         self._events = events
         self._what = what
         self._timeout = timeout
+        self._on_timeout = on_timeout
 
     def done(self) -> bool:
         return all(e.done for e in self._events)
@@ -54,8 +55,9 @@ class GpuHandle(Handle):
         for ev in self._events:
             while not ev.done:
                 if time.monotonic() > deadline:
+                    extra = self._on_timeout() if self._on_timeout is not None else ""
                     raise KVTimeoutError(f"timed out after {limit:g} s waiting for the GPUs to finish {self._what} "
-                                         "(a peer process may have died, or a kernel hangs)")
+                                         f"(a peer process may have died, or a kernel hangs){extra}")
                 polls += 1
                 time.sleep(0 if polls < 2000 else 0.0002)
 
@@ -205,7 +207,18 @@ class NcclStore(StoreBackend):
         for j, s in enumerate(streams):
             with self._cp.cuda.Device(self._devices[j]):
                 events.append(s.record())
-        return GpuHandle(events, what, self._timeout)
+        return GpuHandle(events, what, self._timeout, self._abort if self.multi and self._world > 1 else None)
+
+    def _abort(self) -> str:
+        """After a timed-out wait across processes: abort the communicator so nothing stays stuck in NCCL."""
+        for comm in self._comms:
+            try:
+                comm.abort()
+            except Exception:
+                pass
+        self._comms = []
+        self._closed = True
+        return "; the NCCL communicator was aborted and this store is closed: every rank must create a new one"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -587,7 +600,7 @@ class NcclStore(StoreBackend):
                                          cuda.NCCL_DTYPE_CODES["float32"], self._nccl.NCCL_SUM, stream.ptr)
             finally:
                 self._nccl.groupEnd()
-            handle = GpuHandle([stream.record()], f"the barrier of {self._world} ranks", self._timeout)
+            handle = GpuHandle([stream.record()], f"the barrier of {self._world} ranks", self._timeout, self._abort)
         handle.wait(timeout)
 
     def close(self) -> None:
