@@ -153,6 +153,14 @@ _CODES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np
           7: np.float32, 8: np.float64}
 
 
+try:  # bfloat16 where ml_dtypes is installed (the NCCL code 9)
+    import ml_dtypes
+
+    _CODES[9] = ml_dtypes.bfloat16
+except ImportError:
+    pass
+
+
 def _memory(ptr: int, count: int, code: int) -> np.ndarray:
     dtype = np.dtype(_CODES[code])
     buf = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr)
@@ -311,7 +319,7 @@ def install(monkeypatch, n_devices: int = 2, nccl_available: bool = True):
             setattr(nccl, name, globals()[name])
         nccl.NCCL_SUM = 0
         for code, dt in _CODES.items():
-            setattr(nccl, f"NCCL_{np.dtype(dt).name.upper()}", code)
+            setattr(nccl, f"NCCL_{np.dtype(dt).name.upper()}", code)  # NCCL_BFLOAT16 with ml_dtypes
     cuda.nccl = nccl
     cupy.cuda = cuda
     monkeypatch.setitem(sys.modules, "cupy", cupy)

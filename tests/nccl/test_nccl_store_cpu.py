@@ -327,3 +327,23 @@ def test_a_hung_collective_times_out_and_aborts_the_communicator(fake, monkeypat
     assert getattr(comm, "aborted", False)
     with pytest.raises(NotSupportedError, match="closed"):
         kv.pull(0, out=fc.on(0, np.zeros(3, np.float32)))
+
+
+def test_bfloat16_keys_where_arrays_carry_it(fake):
+    """bfloat16 (ml_dtypes' numpy type) travels as NCCL_BFLOAT16, packed and unpacked bit for bit."""
+    ml = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml.bfloat16)
+    kv = kvframe.create("nccl", bucket_bytes=1024, pack_threshold_bytes=256)
+    shapes = [(3,), (5, 2), (300,)]  # two packed, one alone
+    kv.init([0, 1, 2], [np.zeros(s, bf16) for s in shapes])
+    vals = [[fc.on(d, np.full(s, 1.5 + d, bf16)) for d in (0, 1)] for s in shapes]
+    outs = [[fc.on(d, np.zeros(s, bf16)) for d in (0, 1)] for s in shapes]
+    kv.pushpull([0, 1, 2], vals, out=outs)
+    for os_ in outs:
+        for o in os_:
+            assert o.dtype == bf16
+            np.testing.assert_array_equal(o.astype(np.float32), 4.0)
+    kv.push([0, 1, 2], vals)
+    kv.pull([0, 1, 2], out=outs)
+    for os_ in outs:
+        np.testing.assert_array_equal(os_[1].astype(np.float32), 4.0)
