@@ -50,10 +50,15 @@ class _Tee(io.TextIOBase):
 
 
 def run_one(path: Path, argv: list[str]) -> str:
-    """Import and run one bench module; returns everything it printed."""
+    """Import and run one bench module; returns everything it printed.  The common flags
+    (--quick, --no-mxnet) go only to benches whose source mentions them."""
+    source = path.read_text(encoding="utf-8")
+    argv = [a for a in argv if a in source]
     spec = importlib.util.spec_from_file_location(f"benchmarks.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
+    saved_argv = sys.argv
+    sys.argv = [str(path), *argv]
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(_Tee(sys.stdout, buf)):
@@ -61,8 +66,13 @@ def run_one(path: Path, argv: list[str]) -> str:
             main = getattr(module, "main", None)
             if main is None:
                 raise AttributeError(f"{path.name} has no main(argv)")
-            main(list(argv))
+            try:
+                main(list(argv))
+            except SystemExit as exc:  # a bench's argparse, or an explicit exit
+                if exc.code not in (0, None):
+                    raise RuntimeError(f"{path.name} exited with status {exc.code}") from None
     finally:
+        sys.argv = saved_argv
         sys.path.remove(str(path.parent))
     return buf.getvalue()
 

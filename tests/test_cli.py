@@ -251,3 +251,25 @@ def test_no_command_is_a_usage_error():
     assert proc.returncode == 2 and "required: COMMAND" in proc.stderr
     proc = kvframe_cmd("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("kvframe ")
+
+
+def test_run_all_passes_only_known_flags_and_reports_failed_exits(tmp_path, capsys):
+    run_all = load_run_all()
+    strict = tmp_path / "bench_strict.py"
+    strict.write_text(textwrap.dedent("""
+        import argparse, sys
+        def main(argv=None):
+            ap = argparse.ArgumentParser()
+            ap.add_argument("--no-mxnet", action="store_true")
+            args = ap.parse_args(argv)
+            print("strict ran", args.no_mxnet, sys.argv[1:])
+    """))
+    out = run_all.run_one(strict, ["--quick", "--no-mxnet"])  # --quick is not in its source
+    assert "strict ran True ['--no-mxnet']" in out
+    failing = tmp_path / "bench_failing.py"
+    failing.write_text("import sys\ndef main(argv):\n    sys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="bench_failing.py exited with status 3"):
+        run_all.run_one(failing, [])
+    quiet_exit = tmp_path / "bench_exit0.py"
+    quiet_exit.write_text("import sys\ndef main(argv):\n    print('done')\n    sys.exit(0)\n")
+    assert run_all.run_one(quiet_exit, []) == "done\n"
