@@ -23,7 +23,7 @@ def make(name, **options):
 
 def special_values(n, rng):
     g = (rng.standard_normal(n) * 0.7).astype(np.float32)
-    edge = np.float32([0.5, -0.5, 0.0, -0.0, 1e-38, -1e-38, 3.4e38, -3.4e38, 0.49999997, -0.50000006])
+    edge = np.float32([0.5, -0.5, 0.0, -0.0, 1e-30, -1e-30, 3.4e38, -3.4e38, 0.49999997, -0.50000006])
     g[: min(n, edge.size)] = edge[: min(n, edge.size)]
     return g
 
@@ -63,3 +63,16 @@ def test_payload_decodes_across_paths(cp, name):
     comp.decode(cp.asnumpy(p_cp), out_a)
     comp.decode(cp.asarray(p_np), out_b)
     assert out_a.tobytes() == cp.asnumpy(out_b).tobytes()
+
+
+@pytest.mark.parametrize("name, threshold", [("2bit", 1e-39), ("1bit", 0.0)])
+def test_denormal_gradients_bit_identical(cp, name, threshold):
+    """Subnormal floats are not flushed to zero on the GPU (the numpy path keeps them)."""
+    comp = make(name, threshold=threshold)
+    g = np.float32([1e-39, -1e-39, 5e-45, -5e-45, 1.1e-38, 0.0] * 11)
+    res_np, res_cp = np.zeros(g.size, np.float32), cp.zeros(g.size, cp.float32)
+    for _ in range(3):
+        p_np = comp.encode(g, res_np)
+        p_cp = comp.encode(cp.asarray(g), res_cp)
+        assert cp.asnumpy(p_cp).tobytes() == np.asarray(p_np).tobytes()
+        assert cp.asnumpy(res_cp).tobytes() == res_np.tobytes()
