@@ -1,7 +1,7 @@
 """Run every benchmarks/bench_*.py in turn, print their tables, and plot throughput against size.
 
 Each bench module has ``main(argv)``, which prints Markdown tables (and may return their text).
-Every table with a ``size`` column (``2^N`` or a number) and time columns (headers with ``µs``)
+Every table with a ``size`` column (``2^N`` or a number) and time columns (headers with µs or ms)
 becomes lines of the plot: throughput in elements per second (size / time) against size, one line
 per time column and per value of the other key columns (copies, workers...).
 
@@ -119,32 +119,46 @@ def _number(cell: str) -> float | None:
         return None
 
 
+def _time_unit(header: str) -> float | None:
+    """Seconds per unit of a time column ('kvframe µs', 'MXNet ms/iter'), or None."""
+    words = re.split(r"[\s/()]+", header.lower())
+    if "µs" in words or "us" in words:
+        return 1e-6
+    if "ms" in words:
+        return 1e-3
+    return None
+
+
 def throughput_series(text: str) -> dict[str, list[tuple[float, float]]]:
-    """{label: [(size, elements per second), ...]} from every table with a size and time columns."""
+    """{label: [(size, elements per second), ...]} from every table with a size and time columns.
+
+    Time columns are those in µs or ms; the other columns whose values repeat across sizes (copies,
+    compression...) split the lines; rates, ratios and per-row descriptions are left out."""
     series: dict[str, list[tuple[float, float]]] = {}
     for title, headers, rows in parse_tables(text):
         low = [h.lower() for h in headers]
         if "size" not in low:
             continue
         si = low.index("size")
-        time_cols = [j for j, h in enumerate(low) if "µs" in h or "us per" in h or h.endswith(" us")]
+        rows = [r for r in rows if len(r) == len(headers) and _size(r[si]) is not None]
+        if not rows:
+            continue
+        units = {j: _time_unit(h) for j, h in enumerate(headers)}
+        time_cols = [j for j, u in units.items() if u is not None and j != si]
+        nsizes = len({r[si] for r in rows})
         key_cols = [j for j, h in enumerate(low) if j != si and j not in time_cols and "/s" not in h
-                    and "speed" not in h and "ratio" not in h]
+                    and "speed" not in h and "ratio" not in h and len({r[j] for r in rows}) * nsizes <= len(rows)]
+        short = re.sub(r"\s*\(.*\)\s*$", "", title)
         for r in rows:
-            if len(r) != len(headers):
-                continue
             size = _size(r[si])
-            if size is None:
-                continue
             extra = ", ".join(f"{headers[j]}={r[j]}" for j in key_cols)
             for j in time_cols:
                 t = _number(r[j])
                 if t is None or t <= 0:
                     continue
-                name = headers[j].replace("µs", "").strip()
-                short = re.sub(r"\s*\(.*\)\s*$", "", title)
+                name = re.sub(r"\s*\b(µs|us|ms)\b(/\w+)?", "", headers[j]).strip()
                 label = f"{short}: {name}" + (f" ({extra})" if extra else "")
-                series.setdefault(label, []).append((size, size / (t * 1e-6)))
+                series.setdefault(label, []).append((size, size / (t * units[j])))
     return series
 
 
@@ -158,7 +172,7 @@ def plot(series: dict[str, list[tuple[float, float]]], path: Path) -> Path | Non
         print("plot skipped: matplotlib is not installed (pip install 'kvframe[bench]')", file=sys.stderr)
         return None
     if not series:
-        print("plot skipped: no table with a size column and µs columns was printed", file=sys.stderr)
+        print("plot skipped: no table with a size column and µs or ms columns was printed", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for label, pts in sorted(series.items()):
@@ -169,7 +183,8 @@ def plot(series: dict[str, list[tuple[float, float]]], path: Path) -> Path | Non
     ax.set_yscale("log")
     ax.set_xlabel("array size (elements)")
     ax.set_ylabel("throughput (elements per second)")
-    ax.set_title("kvframe vs Apache MXNet 1.9.1 (dashed)")
+    with_mx = any("mxnet" in label.lower() for label in series)
+    ax.set_title("kvframe" + (" (solid) vs Apache MXNet 1.9.1 (dashed)" if with_mx else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

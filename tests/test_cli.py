@@ -225,6 +225,21 @@ def test_run_all_turns_tables_into_throughput_series():
         "demo bench: kvframe (copies=1)": [(1024.0, 1024 / 2e-6), (2.0 ** 20, 2.0 ** 20 / 1e-3)],
         "demo bench: MXNet 1.9.1 (copies=1)": [(1024.0, 1024 / 4e-6), (2.0 ** 20, 2.0 ** 20 / 5e-4)],
     }
+    ms_table = textwrap.dedent("""
+        ### other (ms per iteration)
+
+        | size | codec | sent       | kvframe ms/iter |
+        | ---- | ----- | ---------- | --------------- |
+        | 2^20 | none  | 4 MiB      | 2.0             |
+        | 2^20 | 2bit  | 256 KiB    | 4.0             |
+        | 2^24 | none  | 64 MiB     | 40.0            |
+        | 2^24 | 2bit  | 4 MiB      | 50.0            |
+    """)
+    series = run_all.throughput_series(ms_table)  # 'sent' differs on every row: not a series key
+    assert series == {
+        "other: kvframe (codec=none)": [(2.0 ** 20, 2.0 ** 20 / 2e-3), (2.0 ** 24, 2.0 ** 24 / 4e-2)],
+        "other: kvframe (codec=2bit)": [(2.0 ** 20, 2.0 ** 20 / 4e-3), (2.0 ** 24, 2.0 ** 24 / 5e-2)],
+    }
 
 
 def test_bench_quick_prints_tables_and_writes_png(tmp_path):
