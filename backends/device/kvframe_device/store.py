@@ -155,8 +155,15 @@ class DeviceStore(LocalStore):
         return buf
 
     def _apply_target(self, key: Any, target: Any) -> None:
-        if self._updater is not None:
-            self._updater(key, target, self._data[key])
+        """Run the updater on the merged value, on the merge device (as the current device)."""
+        if self._updater is None:
+            return
+        stored = self._data[key]
+        if device_id(stored) is None:
+            self._updater(key, target, stored)
+        else:
+            with stored.device:
+                self._updater(key, target, stored)
 
     def _device_merge(self, key: Any, vals: list) -> Any:
         """Uncompressed reduce of dense values on the key's merge device (written into the store
