@@ -390,3 +390,25 @@ def test_clean_loc_drops_union_tags_only():
     assert _clean_loc(("items", 0, "a"), data) == ("items", 0, "a")
     assert _clean_loc(("function-after[check(), X]", "x"), {"x": 1}) == ("x",)
     assert _clean_loc(("nope", "deeper"), data) == ("nope", "deeper")
+
+
+def test_yaml_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    p = write(tmp_path, "cfg.yaml", "store: local\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
+    msg = error_of(p)
+    assert msg == f"reading {p} needs PyYAML: pip install pyyaml (or use a .toml file)"
+
+
+def test_toml_on_python_3_10_uses_tomli(tmp_path, monkeypatch):
+    import sys
+
+    tomli = pytest.importorskip("tomli")
+    from kvframe import configfile
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 12, "final", 0))
+    assert configfile._toml_module() is tomli
+    cfg = load_config(write(tmp_path, "cfg.toml", '[store]\ntype = "listsum"\n'))
+    assert cfg.store.type == "listsum"
+    assert "invalid TOML" in error_of(write(tmp_path, "bad.toml", "[store\n"))
