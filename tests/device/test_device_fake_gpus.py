@@ -127,3 +127,20 @@ def test_host_and_gpu_values_mixed(cp):
     out = np.empty(5, np.float32)
     kv.pull(0, out=out)
     np.testing.assert_array_equal(out, 3)
+
+
+def test_updater_and_row_sparse_without_compression(cp):
+    kv = kvframe.create("device")
+    kv.init(0, on(cp, 0, np.ones((4, 2))))
+    kv.push(0, [on(cp, 2, np.zeros((4, 2)))])  # places key 0 on GPU 2
+    assert kv.backend.merge_device(0) == ("gpu", 2)
+    with cp.cuda.Device(1):
+        sparse = kvframe.RowSparseArray(cp.asarray(np.float32([[1, 2]])), cp.asarray(np.int64([3])), (4, 2))
+    kv.push(0, [sparse, on(cp, 0, np.full((4, 2), 0.5))])
+    out = np.empty((4, 2), np.float32)
+    kv.pull(0, out=out)
+    np.testing.assert_array_equal(out, np.float32([[0.5, 0.5]] * 3 + [[1.5, 2.5]]))
+    kv.set_updater(lambda key, grad, weight: weight.__isub__(grad))
+    kv.push(0, [on(cp, 0, np.ones((4, 2))), on(cp, 1, np.ones((4, 2)))])
+    kv.pull(0, out=out)
+    np.testing.assert_array_equal(out, np.float32([[-1.5, -1.5]] * 3 + [[-0.5, 0.5]]))

@@ -45,6 +45,16 @@ def _slot_device(value: Any, slot: int) -> tuple:
     return ("cpu", slot) if dev is None else ("gpu", dev)
 
 
+def _dense(value: Any) -> Any:
+    """A dense array of ``value``, made on the device that holds it."""
+    if not isinstance(value, RowSparseArray):
+        return value
+    if device_id(value.data) is None:
+        return value.todense()
+    with value.data.device:
+        return value.todense()
+
+
 def _memory(dev: tuple) -> int | None:
     """Where a device's buffers live: a GPU id, or None for host memory."""
     return dev[1] if dev[0] == "gpu" else None
@@ -170,7 +180,7 @@ class DeviceStore(LocalStore):
         itself when there is no updater)."""
         stored = self._data[key]
         mem = device_id(stored)
-        dense = [v.todense() if isinstance(v, RowSparseArray) else v for v in vals]
+        dense = [_dense(v) for v in vals]
         if len(dense) == 1 and device_id(dense[0]) == mem and self._updater is not None:
             return dense[0]
         target = self._target(key)
