@@ -144,3 +144,19 @@ def test_updater_and_row_sparse_without_compression(cp):
     kv.push(0, [on(cp, 0, np.ones((4, 2))), on(cp, 1, np.ones((4, 2)))])
     kv.pull(0, out=out)
     np.testing.assert_array_equal(out, np.float32([[-1.5, -1.5]] * 3 + [[-0.5, 0.5]]))
+
+
+def test_gpu_row_sparse_into_a_host_key(cp):
+    kv = kvframe.create("device")
+    kv.init(0, np.zeros((3, 2), np.float32))
+    with cp.cuda.Device(1):
+        sparse = kvframe.RowSparseArray(cp.asarray(np.float32([[1, 2]])), cp.asarray(np.int64([1])), (3, 2))
+    kv.push(0, [sparse, np.ones((3, 2), np.float32)])  # slot 0 is a GPU, slot 1 the host: merged on GPU 1
+    out = np.empty((3, 2), np.float32)
+    kv.pull(0, out=out)
+    np.testing.assert_array_equal(out, np.float32([[1, 1], [2, 3], [1, 1]]))
+    kv.init(1, np.zeros((3, 2), np.float32))
+    kv.push(1, [np.ones((3, 2), np.float32), sparse])  # slot 0 is the host now: reduced on the CPU
+    assert kv.backend.merge_device(1) == ("cpu", 0)
+    kv.pull(1, out=out)
+    np.testing.assert_array_equal(out, np.float32([[1, 1], [2, 3], [1, 1]]))

@@ -55,6 +55,15 @@ def _dense(value: Any) -> Any:
         return value.todense()
 
 
+def _to_host(value: Any) -> Any:
+    """``value`` in host memory (numpy data), dense or row-sparse."""
+    if isinstance(value, RowSparseArray):
+        if device_id(value.data) is None:
+            return value
+        return RowSparseArray(value.data.get(), value.indices.get(), value.shape)
+    return value if device_id(value) is None else value.get()
+
+
 def _memory(dev: tuple) -> int | None:
     """Where a device's buffers live: a GPU id, or None for host memory."""
     return dev[1] if dev[0] == "gpu" else None
@@ -117,6 +126,9 @@ class DeviceStore(LocalStore):
     # push -----------------------------------------------------------------------------------------
     def push(self, keys: list, values: list[list], priority: int = 0) -> None:
         grouped = {keys[0]: values[0]} if len(keys) == 1 else group_by_key(keys, values)
+        if self._compressor is not None:  # refuse bad input before anything changes
+            for k, vals in grouped.items():
+                self._check_compressible(k, vals)
         if self._pending:
             devices: list = []
             for vals in grouped.values():
@@ -125,9 +137,6 @@ class DeviceStore(LocalStore):
                     if d not in devices:
                         devices.append(d)
             self._assign(devices)
-        if self._compressor is not None:  # refuse bad input before anything changes
-            for k, vals in grouped.items():
-                self._check_compressible(k, vals)
         for k, vals in grouped.items():
             self._push_key(k, vals)
 
@@ -149,8 +158,7 @@ class DeviceStore(LocalStore):
         if self._compressor is not None and not sparse:
             self._compressed_push(key, vals)
         elif host or (sparse and device_id(stored) is None):
-            super()._push_key(key, [v if isinstance(v, RowSparseArray) or device_id(v) is None else v.get()
-                                    for v in vals])
+            super()._push_key(key, [_to_host(v) for v in vals])
         else:
             self._apply(key, self._device_merge(key, vals))
 
