@@ -37,7 +37,11 @@ def as_native(x: Any) -> Any:
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         dev_type, _ = x.__dlpack_device__()
         if int(dev_type) in (1, 3):  # kDLCPU, kDLCUDAHost
-            return np.from_dlpack(x)
+            try:
+                return np.from_dlpack(x)
+            except (BufferError, TypeError, RuntimeError) as exc:  # e.g. bfloat16, which numpy lacks
+                raise TypeError(f"cannot view {describe(x)} through DLPack as a numpy array ({exc}); convert it "
+                                "first, e.g. to float32, or pass a numpy array") from exc
         import cupy  # CUDA memory: cupy is needed to use it
 
         return cupy.from_dlpack(x)

@@ -223,7 +223,10 @@ class KVStore:
 
     @staticmethod
     def _array(x: Any, key: Any, what: str) -> Any:
-        arr = as_native(x)
+        try:
+            arr = as_native(x)
+        except TypeError as exc:
+            raise TypeError(f"key {key!r}: {what}: {exc}") from exc
         if arr is None:
             raise TypeError(f"key {key!r}: {what} must be an array (numpy, cupy, kvframe.RowSparseArray or "
                             f"anything with __dlpack__); got {type(x).__name__}")

@@ -200,6 +200,8 @@ def test_torch_tensors_through_dlpack(kv):
     out = torch.zeros(5)
     kv.pull("t", out=out)
     assert out.tolist() == [5.0] * 5
+    with pytest.raises(TypeError, match=r"key 'b': value: cannot view .*bfloat16 through DLPack"):
+        kv.init("b", torch.zeros(5, dtype=torch.bfloat16))
 
 
 # --- row-sparse ------------------------------------------------------------------------------
