@@ -264,3 +264,12 @@ def install(monkeypatch):
     delattr(kvframe_compressors, "_cuda")
     importlib.import_module("kvframe_compressors._cuda")  # bound to this module until teardown
     stats.update(peer_copies=0, kernel_launches=0)
+
+
+def __getattr__(name):
+    """Anything else numpy has: ufuncs (device-checked through ndarray.__array_ufunc__), dtypes,
+    and functions wrapped to keep results on the current device."""
+    obj = getattr(np, name)
+    if isinstance(obj, (np.ufunc, type)) or not callable(obj):
+        return obj
+    return _passthrough(obj)
