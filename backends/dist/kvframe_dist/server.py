@@ -233,7 +233,7 @@ class Server:
         for (_, st, _), item in zip(decoded, items):
             if item[2] == "shm":  # tell the worker when its file may be written again
                 st.acks.append(ident)
-        if ack:
+        if ack and h.get("ack"):
             self._reply(ident, {"op": "ok", "id": rid})
         for sk, st, value in decoded:
             if sync:
@@ -447,6 +447,8 @@ class Server:
                 self._set_states(ident, rid, h, frames)
             elif op == "command":
                 self._command(ident, rid, h)
+            elif op == "ping":  # answered after everything this worker sent before
+                self._reply(ident, {"op": "ok", "id": rid})
             elif op == "stats":
                 self._stats(ident, rid)
             else:

@@ -136,6 +136,7 @@ class DistStore(StoreBackend):
         self._ids = itertools.count(1)
         self._pending: dict[int, Request] = {}
         self._late_errors: list[str] = []
+        self._unconfirmed: dict[int, tuple[int, str]] = {}  # push id -> (server, what): pushes are not acknowledged
         self._keys: dict[Any, KeyInfo] = {}
         self._str_ids: dict[str, int] = {}
         self._buffers: dict[int, np.ndarray] = {}
@@ -222,6 +223,9 @@ class DistStore(StoreBackend):
                             slot[1] -= 1
                     continue
                 req = self._pending.pop(h.get("id"), None)
+                if req is None and h["op"] == "error" and h.get("id") in self._unconfirmed:
+                    self._late_errors.append(f"{self._unconfirmed.pop(h['id'])[1]} failed: {h.get('msg')}")
+                    continue
                 if req is None:
                     log.warning("worker %d: a reply from server %d answers no request (%s)", self._rank, server,
                                 h.get("op"))
@@ -271,9 +275,14 @@ class DistStore(StoreBackend):
                     pass
 
     def _flush(self, what: str) -> None:
-        """Wait for every outstanding request (push acknowledgements)."""
+        """Make sure every server has handled this worker's pushes (a ping after them: a server
+        answers in order, errors of refused pushes first), and wait for every outstanding request."""
+        servers = sorted({s for s, _ in self._unconfirmed.values()})
+        for s in servers:
+            self._send(s, {"op": "ping"}, what=f"{what} (server {s} confirming the pushes)")
         if self._pending:
             self._wait(list(self._pending.values()), what)
+        self._unconfirmed.clear()
         self._raise_late_errors()
 
     def _to_scheduler(self, header: dict, what: str, timeout: float | None = None) -> dict:
@@ -417,10 +426,13 @@ class DistStore(StoreBackend):
         trackers: list = []
         what = f"push of keys {keys!r}"
         for s, (items, frames) in per_server.items():
-            self._send(s, {"op": "push", "items": items, "sync": self.sync}, frames, what=what, track=trackers)
+            rid = next(self._ids)
+            self._unconfirmed[rid] = (s, what)
+            header = {"op": "push", "items": items, "sync": self.sync, "id": rid}
+            trackers.extend(self.transport.send(self.servers[s], header, frames, track=True))
         self._wait_trackers(trackers, what)
-        if len(self._pending) > 4096:  # bound the acknowledgements in flight
-            self._drain(0)
+        if len(self._unconfirmed) > 4096:  # bound what may be in flight unconfirmed
+            self._flush("confirming pushes")
 
     def _server_array(self, server: int, info: KeyInfo, sh: Shard, name: Any) -> tuple[Segment, np.ndarray]:
         expected = f"s{server}-k{info.kid}-p{sh.part}"

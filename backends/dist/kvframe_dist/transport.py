@@ -39,6 +39,22 @@ class ZmqConfig(TransportConfig):
     hwm: int = Field(0, ge=0, description="zmq high-water mark in messages (0: unlimited)")
 
 
+class Part:
+    """A data frame that travelled packed with others: the same reading interface as zmq.Frame."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: memoryview):
+        self.buffer = buffer
+
+    @property
+    def bytes(self) -> bytes:
+        return self.buffer.tobytes()
+
+    def __len__(self) -> int:
+        return self.buffer.nbytes
+
+
 def _mac(secret: bytes, frames: list) -> bytes:
     h = hmac.new(secret, digestmod=hashlib.sha256)
     for f in frames:
@@ -88,6 +104,13 @@ class ZmqTransport:
              track: bool = False) -> list:
         """Send one message; with ``track`` returns the MessageTrackers of its zero-copy frames (the
         caller must keep those buffers unchanged until they are done)."""
+        zc = self.config.zero_copy_bytes
+        if len(frames) > 1:  # small frames travel packed in one frame; the header says where
+            views = [memoryview(f).cast("B") for f in frames]
+            small = [v for v in views if v.nbytes < zc]
+            if len(small) > 1:
+                header = {**header, "_p": [v.nbytes if v.nbytes < zc else -1 for v in views]}
+                frames = [b"".join(small), *(f for f, v in zip(frames, views) if v.nbytes >= zc)]
         hdr = MAGIC + json.dumps(header, separators=(",", ":")).encode()
         parts: list = [hdr, *frames]
         if self.secret is not None:
@@ -96,7 +119,6 @@ class ZmqTransport:
             parts.insert(0, ident)
         n = len(parts)
         trackers = []
-        zc = self.config.zero_copy_bytes
         for i, part in enumerate(parts):
             flags = zmq.SNDMORE if i < n - 1 else 0
             if isinstance(part, (bytes, zmq.Frame)) or memoryview(part).nbytes < zc:
@@ -137,7 +159,32 @@ class ZmqTransport:
             raise BadMessage(f"message from {ident!r} has a header that is not JSON: {exc}") from None
         if not isinstance(header, dict) or not isinstance(header.get("op"), str):
             raise BadMessage(f"message from {ident!r} has a header without an 'op'")
-        return ident, header, parts[1:]
+        data = parts[1:]
+        layout = header.pop("_p", None)
+        if layout is not None:
+            data = self._unpack(layout, data, ident)
+        return ident, header, data
+
+    @staticmethod
+    def _unpack(layout: object, data: list, ident: bytes | None) -> list:
+        if not isinstance(layout, list) or not data or not all(type(n) is int and n >= -1 for n in layout):
+            raise BadMessage(f"message from {ident!r} has a malformed frame layout")
+        blob = data[0].buffer
+        big = iter(data[1:])
+        out: list = []
+        off = 0
+        try:
+            for n in layout:
+                if n < 0:
+                    out.append(next(big))
+                else:
+                    out.append(Part(blob[off:off + n]))
+                    off += n
+        except StopIteration:
+            raise BadMessage(f"message from {ident!r}: its frame layout names more frames than came") from None
+        if off != blob.nbytes or next(big, None) is not None:
+            raise BadMessage(f"message from {ident!r}: its frame layout does not match its frames")
+        return out
 
     def close(self) -> None:
         self.ctx.destroy(linger=1000)
