@@ -23,7 +23,7 @@ import numpy as np
 import kvframe
 from kvframe.errors import RemoteError, KVTimeoutError
 KVTYPE = os.environ.get("KVTYPE", "dist_sync")
-kv = kvframe.create(KVTYPE)
+kv = kvframe.create(KVTYPE, **json.loads(os.environ.get("KVOPTS", "{}")))
 rank, nw = kv.rank, kv.num_workers
 
 def expect_raises(exc_type, fn, *args, match=None, **kw):

@@ -43,6 +43,32 @@ def test_killing_a_server_fails_the_workers_within_the_bound(tmp_path):
     assert "[kvframe-launch] server 0 exited with status 137" in job.out
 
 
+def test_killing_the_scheduler_fails_workers_and_servers_within_the_bound(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(0, np.zeros(10, np.float32))
+        kv.barrier()
+        if rank == 0:
+            os.kill(kv.backend.scheduler_pid, 9)
+        t0 = time.monotonic()
+        out = np.empty(10, np.float32)
+        try:
+            while time.monotonic() - t0 < 25:
+                kv.pushpull(0, np.ones(10, np.float32), out=out)
+                time.sleep(0.01)
+        except RemoteError as exc:
+            print(f"CAUGHT after {time.monotonic() - t0:.2f} s: {exc}", flush=True)
+            sys.exit(3)
+        print("NOT CAUGHT")
+    """, timeout=60)
+    assert job.rc == 137, job.out
+    for r in range(2):
+        caught = [ln for ln in job.lines(f"worker {r}") if ln.startswith("CAUGHT")]
+        assert caught and re.search(r"the scheduler at tcp://127\.0\.0\.1:\d+ stopped", caught[0]), job.out
+        assert float(re.search(r"after ([\d.]+) s", caught[0]).group(1)) < 3 + 3, caught
+    for r in range(2):
+        assert any("the scheduler at" in ln and "stopped" in ln for ln in job.lines(f"server {r}")), job.out
+
+
 def test_a_dead_worker_releases_the_others_barrier_with_a_clear_error(tmp_path):
     job = run_job(tmp_path, """
         if rank == 1:

@@ -16,7 +16,8 @@ def _have(kind: str, name: str) -> bool:
     return name in plugins.names(kind)
 
 
-def test_sync_sums_pushes_with_exact_values(tmp_path):
+@pytest.mark.parametrize("kvtype", ["dist_sync", "dist_device_sync"])
+def test_sync_sums_pushes_with_exact_values(tmp_path, kvtype):
     job = run_job(tmp_path, """
         # init is collective with rank 0's value
         kv.init(3, np.full((4, 5), 10.0 + rank, np.float32))
@@ -46,13 +47,17 @@ def test_sync_sums_pushes_with_exact_values(tmp_path):
         b = np.empty(7, np.float64)
         kv.broadcast(11, np.full(7, 42.0 + rank), out=b)
         assert (b == 42).all(), b
+        kv.send_command_to_servers(7, f"hello from {rank}")
+        kv.barrier()
         stats = kv.backend.server_stats()
         assert sum(s["elements"] for s in stats) == 20 + 10 + 1800 + 7, stats
         assert all(s["errors"] == 0 and s["dropped"] == 0 for s in stats), stats
+        assert all(sorted(map(tuple, s["commands"])) == [(7, "hello from 0"), (7, "hello from 1")] for s in stats)
+        assert kv.type == KVTYPE
         kv.barrier()
         print("DONE")
         kv.close()
-    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000", "KVTYPE": kvtype})
     assert_ok(job)
 
 
@@ -231,6 +236,31 @@ def test_pushpull_with_compression(tmp_path):
             assert np.array_equal(out, want), (r, out, want)
         print("DONE")
     """))
+    assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("compressors", "2bit"), reason="kvframe_compressors is not installed")
+def test_compressed_pulls(tmp_path):
+    job = run_job(tmp_path, REF_2BIT + textwrap.dedent("""
+        n = 3001
+        kv.init(0, np.zeros(n, np.float32))
+        kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+        rng = np.random.default_rng(1)
+        grads = [rng.standard_normal((5, n)).astype(np.float32) for _ in range(2)]
+        res = [np.zeros(n, np.float32) for _ in range(2)]
+        out = np.empty(n, np.float32)
+        mirror = None
+        for r in range(5):
+            kv.pushpull(0, grads[rank][r], out=out)
+            w = ref_2bit(grads[0][r], res[0], 0.5) + ref_2bit(grads[1][r], res[1], 0.5)   # the servers' value
+            if mirror is None:
+                mirror = w.copy()                            # the first pull carries the value
+            else:
+                mirror = mirror + ref_2bit(w - mirror, np.zeros(n, np.float32), 0.5)
+            assert np.array_equal(out, mirror), (r, np.abs(out - mirror).max())
+        assert r == 4 and not np.array_equal(out, w)          # the copy lags: pulls really were compressed
+        print("DONE")
+    """), env={"KVFRAME_BIGARRAY_BOUND": "1000", "KVOPTS": '{"compress_pulls": true}'})
     assert_ok(job)
 
 

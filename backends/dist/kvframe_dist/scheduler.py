@@ -12,6 +12,7 @@ Run on its own with ``python -m kvframe_dist.scheduler`` (environment as for MXN
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ class Scheduler:
         now = time.monotonic()
         for n in self.nodes.values():
             n.last_seen = now
-            self._send(n.ident, {"op": "welcome", "rank": n.rank, "servers": servers,
+            self._send(n.ident, {"op": "welcome", "rank": n.rank, "servers": servers, "pid": os.getpid(),
                                  "num_workers": self.env.num_workers, "num_servers": self.env.num_servers})
         self.started = True
         log.info("all %d servers and %d workers registered; servers at %s", self.env.num_servers,

@@ -51,6 +51,7 @@ class Deferred:
     items: list
     waiting: int
     shm: bool = False
+    cpull: bool = False
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ShardState:
     trackers: list = field(default_factory=list)
     seg: Segment | None = None  # the value lives in shared memory (local jobs)
     acks: list = field(default_factory=list)  # pushes from shared memory waiting for this round
+    mirrors: dict = field(default_factory=dict)  # compressed pulls: worker -> the value that worker holds
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until no zero-copy reply still reads ``data``."""
@@ -294,7 +296,7 @@ class Server:
         for d in waiting:
             d.waiting -= 1
             if d.waiting == 0:
-                self._send_values(d.ident, d.rid, d.items, d.shm)
+                self._send_values(d.ident, d.rid, d.items, d.shm, d.cpull)
 
     def _apply(self, st: ShardState, values: list) -> None:
         if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
@@ -309,12 +311,32 @@ class Server:
             else:
                 self.reducer.copy_into(st.data, merged)
 
-    def _send_values(self, ident: bytes, rid: Any, sks: list, shm: bool = False) -> None:
+    def _compressed_value(self, ident: bytes, st: ShardState) -> tuple[str, Any]:
+        """Compressed pulls: the first sends the value; later ones send the compressed difference
+        between the value and what this worker holds (both sides add the decoded difference)."""
+        flat = st.data.reshape(-1)
+        mirror = st.mirrors.get(ident)
+        if mirror is None:
+            st.mirrors[ident] = flat.copy()
+            return "raw", flat.copy()
+        delta = flat - mirror
+        payload = self.compressor.encode(delta, np.zeros_like(delta))
+        self.compressor.decode(payload, mirror, accumulate=True)
+        payload = np.ascontiguousarray(payload)
+        return f"comp:{payload.dtype.name}", payload
+
+    def _send_values(self, ident: bytes, rid: Any, sks: list, shm: bool = False, cpull: bool = False) -> None:
         frames = []
         tracked = []
         names = []
+        encs = []
         for sk in sks:
             st = self.shards[sk]
+            if cpull:
+                enc, value = self._compressed_value(ident, st)
+                encs.append(enc)
+                frames.append(value)
+                continue
             if shm and st.seg is not None:
                 names.append(st.seg.name)
                 continue
@@ -325,7 +347,9 @@ class Server:
         header = {"op": "data", "id": rid}
         if shm:
             header["shm"] = names
-        self._reply(ident, header, frames, track_into=trackers)
+        if cpull:
+            header["enc"] = encs
+        self._reply(ident, header, frames, track_into=None if cpull else trackers)
         if trackers:
             for st in tracked:
                 st.trackers.extend(trackers)
@@ -337,12 +361,13 @@ class Server:
             if not isinstance(items, list):
                 raise RequestError("pull without items")
             sks = [self._shard(item)[0] for item in items]
-        shm = bool(h.get("shm")) and self.shm_dir is not None and bool(h.get("sync", True))
+        cpull = bool(h.get("cpull")) and self.compressor is not None
+        shm = bool(h.get("shm")) and self.shm_dir is not None and bool(h.get("sync", True)) and not cpull
         waits = [self.shards[sk] for sk in sks if ident in self.shards[sk].pushers]
         if not waits:
-            self._send_values(ident, rid, sks, shm)
+            self._send_values(ident, rid, sks, shm, cpull)
             return
-        d = Deferred(ident, rid, "pull", sks, len(waits), shm)
+        d = Deferred(ident, rid, "pull", sks, len(waits), shm, cpull)
         for st in waits:
             st.deferred.append(d)
 

@@ -30,7 +30,7 @@ from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError
 from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.env import NodeEnv, node_env, role_from_env
 from kvframe_dist.node import Heartbeat, register
-from kvframe_dist.proto import Shard, dtype_name, pack_states, plan, unpack_states
+from kvframe_dist.proto import Shard, dtype_name, pack_states, plan, unpack_states, wire_dtype
 from kvframe_dist.shm import HEADER, MIN_BYTES, Segment, shm_dir
 from kvframe_dist.transport import BadMessage, ZmqTransport
 
@@ -45,6 +45,9 @@ class DistConfig(StoreConfig):
                                                                "KVFRAME_BIGARRAY_BOUND)")
     transport: str = Field("zmq", description="the transport plugin")
     reduce_threads: int | None = Field(None, ge=1, le=256, description="threads for the local reduce")
+    compress_pulls: bool = Field(False, description="with gradient compression set, pulls are compressed too: "
+                                                    "each pull after the first carries the compressed difference "
+                                                    "between the server's value and the worker's copy")
 
 
 class DistSyncConfig(DistConfig):
@@ -146,6 +149,7 @@ class DistStore(StoreBackend):
         self.shm = shm_dir()
         self._push_segs: dict[tuple[int, int], list] = {}  # (kid, part) -> [Segment, pushes not yet consumed]
         self._server_segs: dict[str, tuple[Segment, np.ndarray]] = {}
+        self._mirrors: dict[tuple[int, int], np.ndarray] = {}  # compressed pulls: this worker's copy per shard
         self.sched = self.transport.dealer(env.scheduler_addr)
         try:
             welcome = register(self.transport, self.sched, env, "worker")
@@ -156,6 +160,7 @@ class DistStore(StoreBackend):
         self._rank = int(welcome["rank"])
         self._num_workers = int(welcome["num_workers"])
         self.server_addrs: list[str] = list(welcome["servers"])
+        self.scheduler_pid = welcome.get("pid")
         ident = f"w{self._rank}".encode()
         self.servers = [self.transport.dealer(a, identity=ident) for a in self.server_addrs]
         self._poller = zmq.Poller()
@@ -448,6 +453,8 @@ class DistStore(StoreBackend):
     def _placer(self, targets: list[tuple[KeyInfo, Shard, list]], server: int = -1):
         """Reply handler writing each item's frame into the flat views of its outputs."""
         def on_data(h: dict, frames: list) -> None:
+            if "enc" in h:
+                return self._place_compressed(h["enc"], targets, frames)
             names = h.get("shm") or [None] * len(targets)
             if len(names) != len(targets) or len(frames) != sum(n is None for n in names):
                 raise ValueError(f"{len(frames)} frames for {len(targets)} items")
@@ -463,6 +470,25 @@ class DistStore(StoreBackend):
                 for v in views:
                     np.copyto(v[sh.lo:sh.hi], arr)
         return on_data
+
+    def _place_compressed(self, encs: Any, targets: list, frames: list) -> None:
+        if not isinstance(encs, list) or len(encs) != len(targets) or len(frames) != len(targets):
+            raise ValueError(f"{len(frames)} frames for {len(targets)} items")
+        for (info, sh, views), enc, frame in zip(targets, encs, frames):
+            slot = (info.kid, sh.part)
+            if enc == "raw":
+                value = np.frombuffer(frame.buffer, dtype=info.dtype)
+                if value.size != sh.hi - sh.lo:
+                    raise ValueError(f"key {info.name!r}: {value.size} values for a shard of {sh.hi - sh.lo}")
+                mirror = self._mirrors[slot] = value.copy()
+            elif isinstance(enc, str) and enc.startswith("comp:") and slot in self._mirrors:
+                mirror = self._mirrors[slot]
+                payload = np.frombuffer(frame.buffer, dtype=wire_dtype(enc[5:]))
+                self._compressor.decode(payload, mirror, accumulate=True)
+            else:
+                raise ValueError(f"key {info.name!r}: unexpected pull encoding {enc!r}")
+            for v in views:
+                np.copyto(v[sh.lo:sh.hi], mirror)
 
     def _outs_plan(self, keys: list, outs: list[list]) -> tuple[list, list]:
         """Per key: the flat host views replies are written into, and copies to make afterwards
@@ -520,7 +546,9 @@ class DistStore(StoreBackend):
             else:
                 pitems = None
                 header, frames = {"op": "pull", "items": items[s], "sync": self.sync}, []
-            if self.shm is not None and self.sync:
+            if self.config.compress_pulls and self._compressor is not None:
+                header["cpull"] = 1
+            elif self.shm is not None and self.sync:
                 header["shm"] = 1
             reqs.append(self._send(s, header, frames, what=what, on_data=self._placer(targets[s], s)))
         return reqs, after
@@ -605,6 +633,7 @@ class DistStore(StoreBackend):
         self._check_failure()
         self._compressor = compressor
         self._residuals.clear()
+        self._mirrors.clear()
         if self._rank == 0:
             self._all_servers({"op": "set_compression", "config": compressor.config.model_dump_json()},
                               "set_gradient_compression")
