@@ -33,7 +33,7 @@ from kvframe_device.copy import copy_into, device_id, empty_on, enable_peer_acce
 
 class DeviceConfig(LocalConfig):
     type: Literal["device"] = "device"  # type: ignore[assignment]
-    block: int = Field(1 << 16, ge=1024, le=1 << 24, description="elements per cache block when compression is "
+    block: int = Field(1 << 17, ge=1024, le=1 << 24, description="elements per cache block when compression is "
                                                                  "fused with the reduction on CPU arrays")
     p2p: bool = Field(True, description="enable direct GPU-to-GPU copies where the hardware allows")
 
