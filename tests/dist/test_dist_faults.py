@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import HERE, assert_ok, free_port, run_job
+from dist_helpers import HERE, assert_ok, free_port, run_job
 
 pytestmark = pytest.mark.dist
 

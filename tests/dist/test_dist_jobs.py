@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import assert_ok, run_job
+from dist_helpers import assert_ok, run_job
 
 pytestmark = pytest.mark.dist
 
