@@ -99,6 +99,22 @@ def test_a_worker_that_finished_early_does_not_deadlock_a_barrier(tmp_path):
     assert_ok(job)
 
 
+def test_a_pull_waiting_for_a_worker_that_finished_fails_clearly(tmp_path):
+    job = run_job(tmp_path, """
+        kv.init(0, np.zeros(4, np.float32))
+        if rank == 1:
+            kv.close()
+            print("DONE")
+            sys.exit(0)
+        t0 = time.monotonic()
+        kv.push(0, np.ones(4, np.float32))       # the round needs worker 1's push too
+        exc = expect_raises(RemoteError, kv.pull, 0, out=np.empty(4, np.float32), match="worker 1")
+        assert "closed its store" in str(exc) and time.monotonic() - t0 < 10, exc
+        print("DONE")
+    """)
+    assert_ok(job)
+
+
 def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_path):
     job = run_job(tmp_path, """
         import zmq

@@ -52,6 +52,7 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"kvframe-heartbeat-{role}{rank}", daemon=True)
         self.transport, self.env, self.role, self.rank = transport, env, role, rank
         self.failure: str | None = None
+        self.closed: dict[int, str] = {}  # workers that closed their store: rank -> name
         self._stop_ev = threading.Event()
         self.sock = transport.dealer(env.scheduler_addr)
 
@@ -75,6 +76,8 @@ class Heartbeat(threading.Thread):
                         log.warning("dropped a message from the scheduler: %s", exc)
                         continue
                     last_ack = time.monotonic()
+                    if h["op"] == "closed" and isinstance(h.get("rank"), int):
+                        self.closed[h["rank"]] = str(h.get("name"))
                     if h["op"] == "dead" and self.failure is None:
                         self.failure = f"kvframe dist: {h.get('msg')}"
                         log.error("%s %d: %s", self.role, self.rank, self.failure)

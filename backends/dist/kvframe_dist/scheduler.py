@@ -153,6 +153,9 @@ class Scheduler:
         self._send(ident, {"op": "bye", "id": h.get("id")})
         if node.role == "worker":
             log.info("worker %d closed", node.rank)
+            for w in self._workers():  # a sync round waiting for this worker's push can never complete
+                if not w.closed and w.hb_ident is not None:
+                    self._send(w.hb_ident, {"op": "closed", "rank": node.rank, "name": node.name()})
             if self.barrier_waiting:
                 msg = self._gone_msg([node])
                 for who, rid in self.barrier_waiting:

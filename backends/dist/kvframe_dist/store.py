@@ -232,7 +232,7 @@ class DistStore(StoreBackend):
                     self._late_errors.append(f"{self._unconfirmed.pop(h['id'])[1]} failed: {h.get('msg')}")
                     continue
                 if req is None:
-                    log.warning("worker %d: a reply from server %d answers no request (%s)", self._rank, server,
+                    log.debug("worker %d: a reply from server %d answers no request (%s)", self._rank, server,
                                 h.get("op"))
                     continue
                 if h["op"] == "error":
@@ -249,10 +249,24 @@ class DistStore(StoreBackend):
                 req.done = True
 
     def _wait(self, reqs: list[Request], what: str, timeout: float | None = None) -> None:
+        try:
+            self._wait_for(reqs, what, timeout)
+        except BaseException:
+            for r in reqs:  # given up: a late answer is ignored, and later waits do not wait for these
+                self._pending.pop(r.rid, None)
+            raise
+
+    def _wait_for(self, reqs: list[Request], what: str, timeout: float | None = None) -> None:
         limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
+        deadline = start + limit
+        rounds = self.sync and ("pull" in what or "consume" in what)
         while not all(r.done for r in reqs):
             self._check_failure()
+            if rounds and self._hb is not None and self._hb.closed and time.monotonic() - start > 1.0:
+                names = ", ".join(sorted(self._hb.closed.values()))
+                raise RemoteError(f"worker {self._rank}: {what} cannot complete: {names} closed its store, and a "
+                                  f"sync round needs a push from each of the {self._num_workers} workers")
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted({r.server for r in reqs if not r.done})
