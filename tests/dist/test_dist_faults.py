@@ -38,7 +38,7 @@ def test_killing_a_server_fails_the_workers_within_the_bound(tmp_path):
         caught = [ln for ln in job.lines(f"worker {r}") if ln.startswith("CAUGHT")]
         assert caught, job.out
         secs = float(re.search(r"after ([\d.]+) s", caught[0]).group(1))
-        assert secs < 3 + 3, caught                    # heartbeat timeout 3 s, plus slack
+        assert secs < 3 + 7, caught                    # heartbeat timeout 3 s, plus slack for a loaded machine
         assert re.search(r"server 0 at tcp://127\.0\.0\.1:\d+ stopped: no heartbeat", caught[0]), caught
     assert "[kvframe-launch] server 0 exited with status 137" in job.out
 
@@ -64,7 +64,7 @@ def test_killing_the_scheduler_fails_workers_and_servers_within_the_bound(tmp_pa
     for r in range(2):
         caught = [ln for ln in job.lines(f"worker {r}") if ln.startswith("CAUGHT")]
         assert caught and re.search(r"the scheduler at tcp://127\.0\.0\.1:\d+ stopped", caught[0]), job.out
-        assert float(re.search(r"after ([\d.]+) s", caught[0]).group(1)) < 3 + 3, caught
+        assert float(re.search(r"after ([\d.]+) s", caught[0]).group(1)) < 3 + 7, caught
     for r in range(2):
         assert any("the scheduler at" in ln and "stopped" in ln for ln in job.lines(f"server {r}")), job.out
 

@@ -303,3 +303,19 @@ def test_distributed_checkpoint_round_trip(tmp_path):
         print("DONE")
     """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
     assert_ok(job)
+
+
+@pytest.mark.parametrize("args", [("--ipc",), ("--no-shm",)])
+def test_transport_variants_with_a_shared_secret(tmp_path, args):
+    job = run_job(tmp_path, """
+        big = 700_000                                  # 2.8 MB: shared memory unless --no-shm
+        kv.init([0, 1], [np.zeros(big, np.float32), np.zeros(33, np.float64)])
+        for r in range(3):
+            outs = [np.empty(big, np.float32), np.empty(33, np.float64)]
+            kv.pushpull([0, 1], [np.full(big, r + rank, np.float32), np.arange(33.0) * rank], out=outs)
+            assert (outs[0] == 2 * r + 1).all() and np.array_equal(outs[1], np.arange(33.0)), r
+        assert kv.backend.server_addrs[0].startswith("ipc://" if "IPC" in os.environ.get("KVFRAME_T", "") else "tcp://")
+        assert all(s["dropped"] == 0 for s in kv.backend.server_stats())
+        print("DONE")
+    """, env={"KVFRAME_SECRET": "k" * 32, "KVFRAME_T": "IPC" if "--ipc" in args else "TCP"}, launcher_args=args)
+    assert_ok(job)
