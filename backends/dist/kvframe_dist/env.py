@@ -16,7 +16,7 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_SECRET | | shared secret: every message carries an HMAC-SHA256 of its frames |
 | KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
 | KVFRAME_HEARTBEAT_TIMEOUT | | seconds of silence before a node counts as stopped (default 15) |
-| KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 60) |
+| KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 300) |
 | KVFRAME_BIGARRAY_BOUND | MXNET_KVSTORE_BIGARRAY_BOUND | arrays this large are split over all servers |
 | KVFRAME_IPC | DMLC_LOCAL | 1: servers listen on unix sockets (single-host jobs only) |
 """
@@ -116,7 +116,7 @@ def node_env(role: str | None = None) -> NodeEnv:
         secret=secret.encode() if secret else None,
         heartbeat_interval=_float(("KVFRAME_HEARTBEAT_INTERVAL",), 1.0),
         heartbeat_timeout=_float(("KVFRAME_HEARTBEAT_TIMEOUT",), 15.0),
-        connect_timeout=_float(("KVFRAME_CONNECT_TIMEOUT",), 60.0),
+        connect_timeout=_float(("KVFRAME_CONNECT_TIMEOUT",), 300.0),
         bigarray_bound=_int(("KVFRAME_BIGARRAY_BOUND", "MXNET_KVSTORE_BIGARRAY_BOUND"), 1_000_000),
         ipc=(_get(("KVFRAME_IPC", "DMLC_LOCAL"), "0") or "0") not in ("0", "false", "no"),
     )
