@@ -319,3 +319,18 @@ def test_transport_variants_with_a_shared_secret(tmp_path, args):
         print("DONE")
     """, env={"KVFRAME_SECRET": "k" * 32, "KVFRAME_T": "IPC" if "--ipc" in args else "TCP"}, launcher_args=args)
     assert_ok(job)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kvtype", ["dist_sync", "dist_device_sync"])
+def test_cupy_arrays(tmp_path, kvtype):
+    job = run_job(tmp_path, """
+        import cupy as cp
+        kv.init(0, cp.zeros(1000, cp.float32))
+        kv.push(0, [cp.full(1000, rank + 1.0, cp.float32), cp.full(1000, 1.0, cp.float32)])  # two devices' worth
+        out = cp.empty(1000, cp.float32)
+        kv.pull(0, out=out)
+        assert bool((out == (1 + 1) + (2 + 1)).all()), out[:4]
+        print("DONE")
+    """, env={"KVTYPE": kvtype})
+    assert_ok(job)

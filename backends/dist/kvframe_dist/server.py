@@ -352,6 +352,8 @@ class Server:
         self._reply(ident, header, frames, track_into=None if cpull else trackers)
         if trackers:
             for st in tracked:
+                if len(st.trackers) > 8:
+                    st.trackers = [t for t in st.trackers if not t.done]
                 st.trackers.extend(trackers)
         self.stats["pulls"] += 1
 
