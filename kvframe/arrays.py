@@ -40,8 +40,8 @@ def as_native(x: Any) -> Any:
             try:
                 return np.from_dlpack(x)
             except (BufferError, TypeError, RuntimeError) as exc:  # e.g. bfloat16, which numpy lacks
-                raise TypeError(f"cannot view {describe(x)} through DLPack as a numpy array ({exc}); convert it "
-                                "first, e.g. to float32, or pass a numpy array") from exc
+                raise TypeError(f"cannot view {describe(x)} through DLPack as a numpy array: {exc} (convert it "
+                                "first, e.g. bfloat16 to float32, or detach a tensor that requires grad)") from exc
         import cupy  # CUDA memory: cupy is needed to use it
 
         return cupy.from_dlpack(x)

@@ -201,7 +201,7 @@ def test_torch_tensors_are_read_and_written_in_place():
     back = np.empty((2, 3), np.float32)
     kv.pull("w", out=back)
     np.testing.assert_array_equal(back, np.full((2, 3), 1.5, np.float32))
-    with pytest.raises((BufferError, RuntimeError), match="require"):
+    with pytest.raises(TypeError, match=r"key .*: value: cannot view .*require"):
         kv.push("w", torch.ones(2, 3, requires_grad=True))
     kv.pull("w", out=back)
     np.testing.assert_array_equal(back, np.full((2, 3), 1.5, np.float32))
