@@ -120,6 +120,9 @@ class Scheduler:
                 return
             node.hb_ident = ident
             self.by_hb[ident] = node
+            for w in self._workers():  # workers that closed before this heartbeat socket introduced itself
+                if w.closed and node.role == "worker":
+                    self._send(ident, {"op": "closed", "rank": w.rank, "name": w.name()})
         node.last_seen = time.monotonic()
         self._send(ident, {"op": "hb"})
 
