@@ -64,6 +64,8 @@ class ShardState:
     merge: np.ndarray | None = None
     trackers: list = field(default_factory=list)
     seg: Segment | None = None  # the value lives in shared memory (local jobs)
+    sk: tuple = ()  # (key, part)
+    flat: np.ndarray | None = None  # data.reshape(-1)
     acks: list = field(default_factory=list)  # pushes from shared memory waiting for this round
     mirrors: dict = field(default_factory=dict)  # compressed pulls: worker -> the value that worker holds
 
@@ -129,13 +131,12 @@ class Server:
 
     # items -----------------------------------------------------------------------------------
     def _shard(self, item: Any) -> tuple[tuple[int, int], ShardState]:
-        if not isinstance(item, list) or len(item) < 2 or not all(isinstance(x, int) for x in item[:2]):
-            raise RequestError(f"malformed item {item!r}: expected [key, part, ...]")
-        sk = (item[0], item[1])
-        st = self.shards.get(sk)
-        if st is None:
+        if type(item) is list and len(item) >= 2 and type(item[0]) is int and type(item[1]) is int:
+            st = self.shards.get((item[0], item[1]))
+            if st is not None:
+                return st.sk, st
             raise RequestError(f"unknown key {item[0]} (part {item[1]}): it was not initialised on this server")
-        return sk, st
+        raise RequestError(f"malformed item {item!r}: expected [key, part, ...]")
 
     def _array(self, frame: zmq.Frame, dtype: np.dtype, count: int | None, what: str) -> np.ndarray:
         nbytes = len(frame)
@@ -173,6 +174,8 @@ class Server:
                 new[(k, p)] = ShardState(key, data, seg=seg)
             else:
                 new[(k, p)] = ShardState(key, arr.reshape(shape).copy())
+        for sk, st in new.items():
+            st.sk, st.flat = sk, st.data.reshape(-1)
         self.shards.update(new)
         self._reply(ident, {"op": "ok", "id": rid})
 
@@ -224,29 +227,34 @@ class Server:
                                "set_optimizer before pushing")
         decoded = []
         pos = 0
+        nframes = len(frames)
         for item in items:  # check everything before changing anything
-            sk, st = self._shard(item)
-            value, used = self._decode_push(st, item, frames, pos, ident)
-            pos += used
-            decoded.append((sk, st, value))
-        if pos != len(frames):
-            raise RequestError(f"push: {len(frames)} data frames for {len(items)} items")
+            _, st = self._shard(item)
+            if len(item) == 3 and item[2] == "raw" and pos < nframes:  # the common case, inline
+                value = np.frombuffer(frames[pos].buffer, dtype=st.data.dtype)
+                if value.size != st.data.size:
+                    raise RequestError(f"push of key {st.key!r} part {item[1]}: got {value.size} "
+                                       f"{st.data.dtype.name} values, expected {st.data.size}")
+                pos += 1
+            else:
+                value, used = self._decode_push(st, item, frames, pos, ident)
+                pos += used
+                if item[2] == "shm":  # tell the worker when its file may be written again
+                    st.acks.append(ident)
+            decoded.append((st, value))
+        if pos != nframes:
+            raise RequestError(f"push: {nframes} data frames for {len(items)} items")
         self.stats["pushes"] += 1
-        for (_, st, _), item in zip(decoded, items):
-            if item[2] == "shm":  # tell the worker when its file may be written again
-                st.acks.append(ident)
         if ack and h.get("ack"):
             self._reply(ident, {"op": "ok", "id": rid})
-        for sk, st, value in decoded:
+        need = self.num_workers if sync else 1
+        for st, value in decoded:
+            st.pending.append(value)
             if sync:
-                st.pending.append(value)
                 st.pushers.append(ident)
-                if len(st.pending) >= self.num_workers:
-                    self._complete(sk, st)
-            else:
-                st.pending.append(value)
-                self._complete(sk, st)
-        return [sk for sk, _, _ in decoded]
+            if len(st.pending) >= need:
+                self._complete(st)
+        return [st for st, _ in decoded]
 
     def _merged(self, st: ShardState) -> Any:
         values = st.pending
@@ -276,9 +284,10 @@ class Server:
             self.compressor.decode(payload, st.merge, accumulate=True)
         return st.merge
 
-    def _complete(self, sk: tuple[int, int], st: ShardState) -> None:
+    def _complete(self, st: ShardState) -> None:
         """A round of this shard is complete: apply it and answer the pulls waiting for it."""
-        st.settle()
+        if st.trackers:
+            st.settle()
         values = st.pending
         if st.seg is not None:
             st.seg.begin_write()
@@ -291,7 +300,7 @@ class Server:
         st.pushers = []
         acks, st.acks = st.acks, []
         for who in acks:
-            self._reply(who, {"op": "consumed", "items": [list(sk)]})
+            self._reply(who, {"op": "consumed", "items": [list(st.sk)]})
         waiting, st.deferred = st.deferred, []
         for d in waiting:
             d.waiting -= 1
@@ -299,6 +308,10 @@ class Server:
                 self._send_values(d.ident, d.rid, d.items, d.shm, d.cpull)
 
     def _apply(self, st: ShardState, values: list) -> None:
+        if self.updater is None and len(values) == 2 and type(values[0]) is np.ndarray \
+                and type(values[1]) is np.ndarray and st.flat.size < self.reducer.bigarray_bound:
+            np.add(values[0], values[1], out=st.flat)
+            return
         if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
             self.reducer.sum_into(st.data.reshape(-1), values)  # assign the sum
         else:
@@ -325,13 +338,12 @@ class Server:
         payload = np.ascontiguousarray(payload)
         return f"comp:{payload.dtype.name}", payload
 
-    def _send_values(self, ident: bytes, rid: Any, sks: list, shm: bool = False, cpull: bool = False) -> None:
+    def _send_values(self, ident: bytes, rid: Any, states: list, shm: bool = False, cpull: bool = False) -> None:
         frames = []
         tracked = []
         names = []
         encs = []
-        for sk in sks:
-            st = self.shards[sk]
+        for st in states:
             if cpull:
                 enc, value = self._compressed_value(ident, st)
                 encs.append(enc)
@@ -341,7 +353,7 @@ class Server:
                 names.append(st.seg.name)
                 continue
             names.append(None)
-            frames.append(st.data.reshape(-1))
+            frames.append(st.flat)
             tracked.append(st)
         trackers: list = []
         header = {"op": "data", "id": rid}
@@ -357,19 +369,19 @@ class Server:
                 st.trackers.extend(trackers)
         self.stats["pulls"] += 1
 
-    def _pull(self, ident: bytes, rid: Any, h: dict, sks: list | None = None) -> None:
-        if sks is None:
+    def _pull(self, ident: bytes, rid: Any, h: dict, states: list | None = None) -> None:
+        if states is None:
             items = h.get("items")
             if not isinstance(items, list):
                 raise RequestError("pull without items")
-            sks = [self._shard(item)[0] for item in items]
+            states = [self._shard(item)[1] for item in items]
         cpull = bool(h.get("cpull")) and self.compressor is not None
         shm = bool(h.get("shm")) and self.shm_dir is not None and bool(h.get("sync", True)) and not cpull
-        waits = [self.shards[sk] for sk in sks if ident in self.shards[sk].pushers]
+        waits = [st for st in states if st.pushers and ident in st.pushers]
         if not waits:
-            self._send_values(ident, rid, sks, shm, cpull)
+            self._send_values(ident, rid, states, shm, cpull)
             return
-        d = Deferred(ident, rid, "pull", sks, len(waits), shm, cpull)
+        d = Deferred(ident, rid, "pull", states, len(waits), shm, cpull)
         for st in waits:
             st.deferred.append(d)
 
@@ -458,8 +470,8 @@ class Server:
             elif op == "pull":
                 self._pull(ident, rid, h)
             elif op == "pushpull":
-                sks = self._push(ident, rid, h, frames, ack=False)
-                self._pull(ident, rid, h, sks)
+                states = self._push(ident, rid, h, frames, ack=False)
+                self._pull(ident, rid, h, states)
             elif op == "init":
                 self._init(ident, rid, h, frames)
             elif op == "rsp_pull":
