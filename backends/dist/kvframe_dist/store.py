@@ -70,6 +70,15 @@ class KeyInfo:
     dtype: np.dtype
     shards: list[Shard]
     sparse: bool
+    raw_item: list | None = None  # [kid, 0, "raw"] for a key held whole by one server
+    pull_items: list | None = None  # [[kid, part] for each shard]
+
+
+def _keys_text(keys: list) -> str:
+    """Keys for a message, short for long lists."""
+    if len(keys) <= 6:
+        return repr(keys)
+    return f"[{keys[0]!r}, {keys[1]!r}, ..., {keys[-1]!r}] ({len(keys)} keys)"
 
 
 class Request:
@@ -344,8 +353,9 @@ class DistStore(StoreBackend):
         shape = tuple(int(s) for s in value.shape)
         dtype = np.dtype(value.dtype)
         dtype_name(dtype)
-        return KeyInfo(kid, key, shape, dtype, plan(kid, shape, self.num_servers, self.bound),
-                       isinstance(value, RowSparseArray))
+        shards = plan(kid, shape, self.num_servers, self.bound)
+        return KeyInfo(kid, key, shape, dtype, shards, isinstance(value, RowSparseArray),
+                       [kid, 0, "raw"] if len(shards) == 1 else None, [[kid, sh.part] for sh in shards])
 
     # data -----------------------------------------------------------------------------------
     def init(self, keys: list, values: list) -> None:
@@ -401,12 +411,27 @@ class DistStore(StoreBackend):
         return slot if slot[1] == 0 else None
 
     def _push_items(self, keys: list, values: list[list]) -> dict[int, tuple[list, list]]:
-        grouped: dict = {}
-        for k, vals in zip(keys, values):
-            grouped.setdefault(k, []).extend(vals)
+        if len(set(keys)) == len(keys):
+            pairs: Any = zip(keys, values)
+        else:  # a key repeated in one call: its values are summed
+            grouped: dict = {}
+            for k, vals in zip(keys, values):
+                grouped.setdefault(k, []).extend(vals)
+            pairs = grouped.items()
         per_server: dict[int, tuple[list, list]] = {}
-        for k, vals in grouped.items():
-            info = self._info(k)
+        infos = self._keys
+        plain = self._compressor is None
+        for k, vals in pairs:
+            info = infos[k]
+            v = vals[0]
+            if plain and info.raw_item is not None and len(vals) == 1 and type(v) is np.ndarray \
+                    and v.flags.c_contiguous and (self.shm is None or v.nbytes < MIN_BYTES):
+                entry = per_server.get(info.shards[0].server)  # the common case: one array, one server
+                if entry is None:
+                    entry = per_server[info.shards[0].server] = ([], [])
+                entry[0].append(info.raw_item)
+                entry[1].append(v.reshape(-1))
+                continue
             merged = self._reduced(info, vals)
             if isinstance(merged, RowSparseArray):
                 for sh in info.shards:
@@ -443,7 +468,7 @@ class DistStore(StoreBackend):
         self._raise_late_errors()
         per_server = self._push_items(keys, values)
         trackers: list = []
-        what = f"push of keys {keys!r}"
+        what = f"push of keys {_keys_text(keys)}"
         for s, (items, frames) in per_server.items():
             rid = next(self._ids)
             self._unconfirmed[rid] = (s, what)
@@ -469,8 +494,19 @@ class DistStore(StoreBackend):
         def on_data(h: dict, frames: list) -> None:
             if "enc" in h:
                 return self._place_compressed(h["enc"], targets, frames)
-            names = h.get("shm") or [None] * len(targets)
-            if len(names) != len(targets) or len(frames) != sum(n is None for n in names):
+            if "shm" not in h:  # every value came as a frame
+                if len(frames) != len(targets):
+                    raise ValueError(f"{len(frames)} frames for {len(targets)} items")
+                for (info, sh, views), frame in zip(targets, frames):
+                    arr = np.frombuffer(frame.buffer, dtype=info.dtype)
+                    if arr.size != sh.hi - sh.lo:
+                        raise ValueError(f"key {info.name!r}: {arr.size} values for a shard of {sh.hi - sh.lo}")
+                    for v in views:
+                        np.copyto(v[sh.lo:sh.hi], arr)
+                return
+            names = h["shm"]
+            if not isinstance(names, list) or len(names) != len(targets) \
+                    or len(frames) != sum(n is None for n in names):
                 raise ValueError(f"{len(frames)} frames for {len(targets)} items")
             frames = iter(frames)
             for (info, sh, views), name in zip(targets, names):
@@ -509,7 +545,12 @@ class DistStore(StoreBackend):
         (outputs that are not C-contiguous numpy arrays get a staging buffer)."""
         views_per_key, after = [], []
         for k, os_ in zip(keys, outs):
-            info = self._info(k)
+            if len(os_) == 1:
+                o = os_[0]
+                if type(o) is np.ndarray and o.flags.c_contiguous and o.flags.writeable:
+                    views_per_key.append([o.reshape(-1)])
+                    continue
+            info = self._keys[k]
             views = []
             staging = None
             for o in os_:
@@ -539,8 +580,9 @@ class DistStore(StoreBackend):
         targets: dict[int, list] = {}
         items: dict[int, list] = {}
         seen = set()
+        infos = self._keys
         for k, views in zip(keys, views_per_key):
-            info = self._info(k)
+            info = infos[k]
             if op == "pull":
                 if k in seen:  # a key pulled twice in one call: one request, both outputs
                     for t in targets.values():
@@ -549,9 +591,13 @@ class DistStore(StoreBackend):
                                 ti[2].extend(views)
                     continue
                 seen.add(k)
-            for sh in info.shards:
-                targets.setdefault(sh.server, []).append((info, sh, views))
-                items.setdefault(sh.server, []).append([info.kid, sh.part])
+            for sh, item in zip(info.shards, info.pull_items):
+                t = targets.get(sh.server)
+                if t is None:
+                    t = targets[sh.server] = []
+                    items[sh.server] = []
+                t.append((info, sh, views))
+                items[sh.server].append(item)
         reqs = []
         for s in targets:
             if per_server_push is not None:
@@ -569,7 +615,7 @@ class DistStore(StoreBackend):
 
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         self._check_failure()
-        what = f"pull of keys {keys!r}"
+        what = f"pull of keys {_keys_text(keys)}"
         reqs, after = self._requests_for("pull", keys, outs, None, what)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
@@ -580,7 +626,7 @@ class DistStore(StoreBackend):
             self.push(keys, values, priority)
             return self.pull(keys, outs, priority)
         per_server = self._push_items(keys, values)
-        what = f"pushpull of keys {keys!r}"
+        what = f"pushpull of keys {_keys_text(keys)}"
         # every server holding a pushed shard also answers with its values
         reqs, after = self._requests_for("pushpull", keys, outs, per_server, what)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
