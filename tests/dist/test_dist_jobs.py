@@ -334,3 +334,23 @@ def test_cupy_arrays(tmp_path, kvtype):
         print("DONE")
     """, env={"KVTYPE": kvtype})
     assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("optimizers", "sgd"), reason="kvframe_optimizers' sgd is not installed")
+def test_launch_with_a_config_file(tmp_path):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[store]\ntype = "dist_sync"\n[optimizer]\ntype = "sgd"\nlearning_rate = 0.1\n')
+    job = run_job(tmp_path, f"""
+        import os
+        import numpy as np
+        import kvframe
+        assert os.environ["KVFRAME_CONFIG"] == {str(cfg)!r}
+        kv = kvframe.create_from_config()              # reads KVFRAME_CONFIG, as kvframe-launch --config passes it
+        assert kv.type == "dist_sync"
+        kv.init(0, np.zeros(5, np.float32))
+        out = np.empty(5, np.float32)
+        kv.pushpull(0, np.ones(5, np.float32), out=out)
+        assert np.allclose(out, -0.2) and out.dtype == np.float32, out
+        print("DONE")
+    """, prelude=False, launcher_args=("--config", str(cfg)))
+    assert_ok(job)
