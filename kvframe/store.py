@@ -268,6 +268,18 @@ class KVStore:
                     raise DTypeMismatchError(f"{where} has dtype {v.dtype}, but the key was initialised with "
                                              f"dtype {meta.dtype}")
 
+    @staticmethod
+    def _check_writable(keys: list, outs: list[list], what: str) -> None:
+        """Outputs are written into: refuse read-only ones (numpy's writeable flag) before anything
+        changes, naming the key, instead of failing half-way with numpy's bare message."""
+        for k, os_ in zip(keys, outs):
+            for i, o in enumerate(os_):
+                flags = getattr(o, "flags", None)
+                if flags is not None and getattr(flags, "writeable", True) is False:
+                    where = f"key {k!r}: {what}" + (f" {i}" if len(os_) > 1 else "")
+                    raise ValueError(f"{where} is read-only ({describe(o)} with flags.writeable=False); the "
+                                     "store writes the result into it: give a writable array")
+
     # data -----------------------------------------------------------------------------------
     def init(self, key: Any, value: Any) -> None:
         """Initialise one key or a list of keys. In distributed stores rank 0's value wins."""
@@ -315,7 +327,7 @@ class KVStore:
         """Write each key's value into ``out``. With ``wait=False`` returns a handle to wait on."""
         if type(out) is np.ndarray and (type(key) is int or type(key) is str):  # the lean common case
             meta = self._meta.get(key)
-            if meta is not None and out.shape == meta.shape and out.dtype == meta.dtype:
+            if meta is not None and out.shape == meta.shape and out.dtype == meta.dtype and out.flags.writeable:
                 handle = self._backend.pull([key], [[out]], priority, ignore_sparse)
                 if wait and handle is not COMPLETED:
                     handle.wait()
@@ -339,6 +351,7 @@ class KVStore:
                 dense_outs.append(keep)
         self._check_values(dense_keys, [[o for o in os_ if not isinstance(o, RowSparseArray)] for os_ in dense_outs],
                            "out")
+        self._check_writable(dense_keys, dense_outs, "out")
         if not dense_keys:
             return COMPLETED
         handle = self._backend.pull(dense_keys, dense_outs, priority, ignore_sparse)
@@ -355,9 +368,11 @@ class KVStore:
         if out is None:
             outs = values
             self._check_values(keys, outs, "value (written in place)", dense_only=True)
+            self._check_writable(keys, outs, "value (written in place)")
         else:
             _, outs = self._outs(key, out)
             self._check_values(keys, outs, "out", dense_only=True)
+            self._check_writable(keys, outs, "out")
         handle = self._backend.pushpull(keys, values, outs, priority)
         if wait:
             handle.wait()
@@ -374,8 +389,11 @@ class KVStore:
                 raise DuplicateInitError(f"duplicate init of key {k!r} (broadcast initialises the key)")
             seen.add(k)
             for o in os_:
-                if tuple(o.shape) != tuple(vals[0].shape) or o.dtype != vals[0].dtype:
+                if tuple(o.shape) != tuple(vals[0].shape):
                     raise ShapeMismatchError(f"key {k!r}: out is {describe(o)}, but the value is {describe(vals[0])}")
+                if o.dtype != vals[0].dtype:
+                    raise DTypeMismatchError(f"key {k!r}: out is {describe(o)}, but the value is {describe(vals[0])}")
+        self._check_writable(keys, outs, "out")
         self._backend.broadcast(keys, values, outs, priority).wait()
         self._remember(keys, values)
 

@@ -1,0 +1,83 @@
+"""Regressions found by QA, using the API the way MXNet users do (stores 'local' and 'device')."""
+
+import numpy as np
+import pytest
+
+import kvframe
+from kvframe.errors import DTypeMismatchError, ShapeMismatchError
+
+
+@pytest.fixture(params=["local", "device"])
+def kv(request):
+    store = kvframe.create(request.param)
+    yield store
+    store.close()
+
+
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+def stored(kv, key, shape=(4,), dtype=np.float32):
+    out = np.full(shape, -99, dtype)
+    kv.pull(key, out=out)
+    return out
+
+
+@pytest.mark.parametrize("n", [4, 2_000_000])  # small and thread-pool sized
+def test_pull_into_read_only_out_names_the_key(kv, n):
+    kv.init("w", np.full(n, 3, np.float32))
+    out = read_only(np.zeros(n, np.float32))
+    with pytest.raises(ValueError, match=r"key 'w': out is read-only"):
+        kv.pull("w", out=out)
+    assert (out == 0).all()
+
+
+def test_pull_list_with_one_read_only_out_writes_nothing(kv):
+    kv.init(["a", "b"], [np.full(4, 1, np.float32), np.full(4, 2, np.float32)])
+    good = np.zeros(4, np.float32)
+    bad = read_only(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=r"key 'b': out is read-only"):
+        kv.pull(["a", "b"], out=[good, bad])
+    assert (good == 0).all()
+
+
+def test_pushpull_with_read_only_out_leaves_the_store_unchanged(kv):
+    kv.init(1, np.full(4, 5, np.float32))
+    with pytest.raises(ValueError, match=r"key 1: out is read-only"):
+        kv.pushpull(1, np.full(4, 9, np.float32), out=read_only(np.zeros(4, np.float32)))
+    assert (stored(kv, 1) == 5).all()
+
+
+def test_pushpull_in_place_on_read_only_value_leaves_the_store_unchanged(kv):
+    kv.init(1, np.full(4, 5, np.float32))
+    kv.set_optimizer("sgd", learning_rate=1.0)
+    values = [np.full(4, 1, np.float32), read_only(np.full(4, 1, np.float32))]
+    with pytest.raises(ValueError, match=r"key 1: value \(written in place\) 1 is read-only"):
+        kv.pushpull(1, values)
+    assert (stored(kv, 1) == 5).all()  # no update ran
+    assert (values[0] == 1).all()
+
+
+def test_broadcast_into_read_only_out_initialises_nothing(kv):
+    with pytest.raises(ValueError, match=r"key 'x': out is read-only"):
+        kv.broadcast("x", np.ones(4, np.float32), out=read_only(np.zeros(4, np.float32)))
+    assert kv.keys() == []
+    out = np.zeros(4, np.float32)
+    kv.broadcast("x", np.full(4, 7, np.float32), out=out)  # a retry works
+    assert (out == 7).all()
+
+
+def test_read_only_inputs_are_fine(kv):
+    kv.init("w", read_only(np.full(4, 2, np.float32)))
+    kv.push("w", [read_only(np.full(4, 1, np.float32))] * 3)
+    assert (stored(kv, "w") == 3).all()
+
+
+def test_broadcast_dtype_mismatch_is_a_dtype_error(kv):
+    with pytest.raises(DTypeMismatchError, match=r"key 'y'.*float64"):
+        kv.broadcast("y", np.ones(3, np.float32), out=np.zeros(3, np.float64))
+    with pytest.raises(ShapeMismatchError, match=r"key 'y'"):
+        kv.broadcast("y", np.ones(3, np.float32), out=np.zeros(4, np.float32))
+    assert kv.keys() == []
