@@ -264,3 +264,21 @@ def test_launcher_refuses_bad_arguments():
         res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", *argv], capture_output=True, text=True,
                              timeout=30)
         assert res.returncode == 2, (argv, res.stderr)
+
+
+def test_launcher_with_a_missing_worker_command_leaves_nothing_behind(tmp_path):
+    token = "kvframe-test-missing-cmd"
+    env = {**os.environ, "KVFRAME_TEST_TOKEN": token}
+    res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", "1", "-s", "1", "--",
+                          str(tmp_path / "no-such-program")], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 127 and "cannot start worker 0" in res.stdout, (res.stdout, res.stderr)
+    from dist_helpers import _leftovers
+
+    assert _leftovers(token) == []
+
+
+def test_a_role_without_its_variables_says_which_are_missing():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVFRAME_", "DMLC_"))}
+    res = subprocess.run([sys.executable, "-m", "kvframe_dist.server"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert res.returncode == 2 and "DMLC_PS_ROOT_PORT" in res.stderr and "Traceback" not in res.stderr, res.stderr

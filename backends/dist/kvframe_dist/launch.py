@@ -190,8 +190,14 @@ class Launcher:
     def start(self) -> None:
         for proc in self.procs:
             env = {**os.environ, **proc.env, "PYTHONUNBUFFERED": "1"}
-            proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                self._say(f"cannot start {proc.name} ({shlex.join(proc.argv)}): {exc}; stopping the others")
+                self.procs = [p for p in self.procs if p.popen is not None]
+                self.stop_all()
+                raise SystemExit(127) from None
             t = threading.Thread(target=self._forward, args=(proc,), daemon=True)
             t.start()
             self.threads.append(t)

@@ -254,7 +254,11 @@ class Scheduler:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="kvframe scheduler: %(message)s", stream=sys.stderr)
-    env = node_env("scheduler")
+    try:
+        env = node_env("scheduler")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     return Scheduler(env).run()
 
 

@@ -573,7 +573,11 @@ class Server:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="kvframe server: %(message)s", stream=sys.stderr)
     load_extra_plugins()
-    env = node_env("server")
+    try:
+        env = node_env("server")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     return Server(env).run()
 
 
