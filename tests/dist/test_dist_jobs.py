@@ -354,3 +354,21 @@ def test_launch_with_a_config_file(tmp_path):
         print("DONE")
     """, prelude=False, launcher_args=("--config", str(cfg)))
     assert_ok(job)
+
+
+@pytest.mark.skipif(not _have("optimizers", "sgd"), reason="kvframe_optimizers' sgd is not installed")
+def test_async_with_big_split_arrays(tmp_path):
+    job = run_job(tmp_path, """
+        n = 1_200_000                                   # split over both servers; shards through shared memory
+        kv.init("w", np.zeros(n, np.float32))
+        kv.set_optimizer("sgd", learning_rate=0.25)
+        g = np.ones(n, np.float32)
+        for _ in range(4):
+            kv.push("w", g)
+        kv.barrier()
+        out = np.empty(n, np.float32)
+        kv.pull("w", out=out)
+        assert (out == -2.0).all(), out[:4]             # 2 workers x 4 pushes x -0.25, each applied at once
+        print("DONE")
+    """, env={"KVTYPE": "dist_async"})
+    assert_ok(job)

@@ -450,7 +450,7 @@ class Server:
         head, body = h.get("head"), h.get("body")
         if not isinstance(head, int) or not isinstance(body, str):
             raise RequestError("a command needs an int head and a str body")
-        self.commands.append([head, body])
+        self.commands = (self.commands + [[head, body]])[-100:]  # the last 100
         log.info("server %d: command %d %r", self.rank, head, body[:200])
         self._reply(ident, {"op": "ok", "id": rid})
 
