@@ -20,7 +20,7 @@ def read_only(a):
 
 
 def stored(kv, key, shape=(4,), dtype=np.float32):
-    out = np.full(shape, -99, dtype)
+    out = np.zeros(shape, dtype)
     kv.pull(key, out=out)
     return out
 
@@ -81,3 +81,12 @@ def test_broadcast_dtype_mismatch_is_a_dtype_error(kv):
     with pytest.raises(ShapeMismatchError, match=r"key 'y'"):
         kv.broadcast("y", np.ones(3, np.float32), out=np.zeros(4, np.float32))
     assert kv.keys() == []
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_optimizer_on_an_integer_key_names_the_key(kv, dtype):
+    kv.init("steps", np.ones(4, dtype))
+    kv.set_optimizer("sgd", learning_rate=0.5)
+    with pytest.raises(DTypeMismatchError, match=r"key 'steps': optimizer 'sgd' updates floating-point weights"):
+        kv.push("steps", np.ones(4, dtype))
+    assert (stored(kv, "steps", dtype=dtype) == 1).all()

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvframe.arrays import RowSparseArray, array_module
+from kvframe.errors import DTypeMismatchError
 from kvframe_optimizers.engine import runner
 
 MASTER = "weight32"  # name of the float32 master copy of a float16 weight (multi_precision)
@@ -147,6 +148,10 @@ class Optimizer:
         return bool(self.config.multi_precision) and np.dtype(dtype) == np.float16
 
     def create_state(self, key: Hashable, weight: Any) -> KeyState:
+        if np.dtype(weight.dtype).kind in "iub":  # the rules compute in floating point
+            raise DTypeMismatchError(f"key {key!r}: optimizer {self.config.type!r} updates floating-point weights; "
+                                     f"this key holds dtype {weight.dtype} (keep integer keys in a store without an "
+                                     "optimizer, or set an updater of your own)")
         xp = array_module(weight)
         arrays = {}
         for n, (shape, dt) in self.state_shapes(tuple(weight.shape), weight.dtype).items():
