@@ -95,6 +95,15 @@ def _is_blocked(ep: metadata.EntryPoint) -> bool:
     return ep.name in blocked or (dist is not None and dist in blocked)
 
 
+def _reg_blocked(reg: Registration) -> bool:
+    """A name an installed distribution registered is blocked by its own name or its distribution's,
+    also when its module was imported for another name (one module often registers several)."""
+    if reg.distribution is None:  # registered in-process
+        return False
+    blocked = _disabled()
+    return reg.name in blocked or reg.distribution in blocked
+
+
 def register_plugin(module: ModuleType | object, name: str | None = None,
                     distribution: str | None = None, version: str | None = None) -> None:
     """Register a plugin object in-process and collect everything it provides."""
@@ -156,20 +165,21 @@ def lookup(kind: str, name: str) -> Registration:
     """The registration for ``name``, importing only the plugin that provides it."""
     regs = _registry[kind]
     reg = regs.get(name)
-    if reg is not None:
+    if reg is not None and not _reg_blocked(reg):
         return reg
     with _lock:
-        if name in regs:
-            return regs[name]
+        reg = regs.get(name)
+        if reg is not None and not _reg_blocked(reg):
+            return reg
         eps = [ep for ep in _entry_points(kind) if ep.name == name]
         blocked = [ep for ep in eps if _is_blocked(ep)]
         for ep in eps:
-            if ep not in blocked:
+            if ep not in blocked and reg is None:
                 _load_entry_point(kind, ep)
-                if name in regs:
+                if name in regs and not _reg_blocked(regs[name]):
                     return regs[name]
         installed = names(kind)
-        if blocked:
+        if blocked or (reg is not None and _reg_blocked(reg)):
             disabled = os.environ.get("KVFRAME_DISABLE_PLUGINS")
             hint = f"it is installed but disabled by KVFRAME_DISABLE_PLUGINS={disabled!r}"
         else:
@@ -185,7 +195,7 @@ def lookup(kind: str, name: str) -> Registration:
 def names(kind: str) -> list[str]:
     """Every available name of ``kind`` without importing anything."""
     found = {ep.name for ep in _entry_points(kind) if not _is_blocked(ep)}
-    found.update(_registry[kind])
+    found.update(n for n, r in _registry[kind].items() if not _reg_blocked(r))
     return sorted(found)
 
 
@@ -203,7 +213,7 @@ def load_all() -> dict[str, str]:
 
 
 def registrations(kind: str) -> list[Registration]:
-    return sorted(_registry[kind].values(), key=lambda r: r.name)
+    return sorted((r for r in _registry[kind].values() if not _reg_blocked(r)), key=lambda r: r.name)
 
 
 def create(kind: str, config: PluginConfig) -> Any:

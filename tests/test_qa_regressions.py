@@ -90,3 +90,26 @@ def test_optimizer_on_an_integer_key_names_the_key(kv, dtype):
     with pytest.raises(DTypeMismatchError, match=r"key 'steps': optimizer 'sgd' updates floating-point weights"):
         kv.push("steps", np.ones(4, dtype))
     assert (stored(kv, "steps", dtype=dtype) == 1).all()
+
+
+def test_disabled_name_stays_disabled_after_its_module_loads_for_another_name(monkeypatch):
+    # kvframe_compressors registers every codec from one module: loading it for '2bit' must not
+    # bring back 'topk' when KVFRAME_DISABLE_PLUGINS names it (likewise optimizers, dist stores)
+    from kvframe import plugins
+    from kvframe.errors import PluginNotFoundError
+
+    monkeypatch.setenv("KVFRAME_DISABLE_PLUGINS", "topk,adam")
+    store = kvframe.create("device")
+    store.set_gradient_compression({"type": "2bit"})
+    store.set_optimizer("sgd")
+    assert "topk" not in plugins.names("compressors") and "2bit" in plugins.names("compressors")
+    assert "adam" not in [r.name for r in plugins.registrations("optimizers")]
+    with pytest.raises(PluginNotFoundError, match="disabled by KVFRAME_DISABLE_PLUGINS"):
+        store.set_gradient_compression({"type": "topk"})
+    with pytest.raises(PluginNotFoundError, match="disabled by KVFRAME_DISABLE_PLUGINS"):
+        store.set_optimizer("adam")
+    assert store.gradient_compression.type == "2bit" and store.optimizer.config.type == "sgd"
+    monkeypatch.delenv("KVFRAME_DISABLE_PLUGINS")
+    store.set_gradient_compression({"type": "topk"})  # available again once unblocked
+    assert "adam" in plugins.names("optimizers")
+    store.close()
