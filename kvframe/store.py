@@ -528,6 +528,9 @@ def create(name: str = "local", **options: Any) -> KVStore:
 
     if not isinstance(name, str):
         raise TypeError(f"the store name must be a str; got {type(name).__name__}")
+    if "type" in options:  # it would silently replace the name (create('local', type='device') made a device store)
+        raise TypeError(f"create() got the store type twice: name={name!r} and type={options['type']!r}; "
+                        "give the store type as the name only")
     requested = name
     name = STORE_ALIASES.get(name.lower(), name.lower())
     config = validate_plugin_config("stores", {"type": name, **options}, f"options of store {name!r}")

@@ -113,3 +113,11 @@ def test_disabled_name_stays_disabled_after_its_module_loads_for_another_name(mo
     store.set_gradient_compression({"type": "topk"})  # available again once unblocked
     assert "adam" in plugins.names("optimizers")
     store.close()
+
+
+def test_create_refuses_a_second_store_type_in_the_options():
+    with pytest.raises(TypeError, match=r"store type twice: name='local' and type='device'"):
+        kvframe.create("local", type="device")
+    store = kvframe.create("local", reduce_threads=2)
+    assert type(store.backend).__name__ == "LocalStore" and store.type == "local"
+    store.close()
