@@ -345,6 +345,9 @@ class KVStore:
                         continue
                     if o.shape != meta.shape:
                         raise ShapeMismatchError(f"key {k!r}: out has shape {o.shape}, expected {meta.shape}")
+                    if o.dtype != meta.dtype:
+                        raise DTypeMismatchError(f"key {k!r}: out has dtype {o.dtype}, but the key was initialised "
+                                                 f"with dtype {meta.dtype}")
                 keep.append(o)
             if keep:
                 dense_keys.append(k)
@@ -424,6 +427,9 @@ class KVStore:
                                     f"{describe(o)}")
                 if o.shape != meta.shape:
                     raise ShapeMismatchError(f"key {k!r}: out has shape {o.shape}, expected {meta.shape}")
+                if o.dtype != meta.dtype:
+                    raise DTypeMismatchError(f"key {k!r}: out has dtype {o.dtype}, but the key was initialised with "
+                                             f"dtype {meta.dtype}")
             checked = []
             for r in rs:
                 r = as_native(r)

@@ -121,3 +121,18 @@ def test_create_refuses_a_second_store_type_in_the_options():
     store = kvframe.create("local", reduce_threads=2)
     assert type(store.backend).__name__ == "LocalStore" and store.type == "local"
     store.close()
+
+
+def test_row_sparse_outputs_of_another_dtype_are_refused(kv):
+    from kvframe import RowSparseArray
+
+    kv.init("emb", np.arange(12, dtype=np.float32).reshape(6, 2))
+    out = RowSparseArray.zeros((6, 2), dtype=np.float64)
+    with pytest.raises(DTypeMismatchError, match=r"key 'emb': out has dtype float64.*float32"):
+        kv.row_sparse_pull("emb", out=out, row_ids=np.array([1]))
+    with pytest.raises(DTypeMismatchError, match=r"key 'emb': out has dtype float64.*float32"):
+        kv.pull("emb", out=out, ignore_sparse=False)
+    assert out.dtype == np.float64 and out.indices.size == 0  # untouched
+    good = RowSparseArray.zeros((6, 2), dtype=np.float32)
+    kv.row_sparse_pull("emb", out=good, row_ids=np.array([4, 1, 4]))
+    assert good.indices.tolist() == [1, 4] and good.data.tolist() == [[2, 3], [8, 9]]
