@@ -174,6 +174,7 @@ class KVStore:
         self._key_type: type | None = None
         self._optimizer: Any = None
         self._compression: Any = None
+        self._closed = False
 
     # identity -------------------------------------------------------------------------------
     @property
@@ -206,7 +207,12 @@ class KVStore:
         return list(self._meta)
 
     # normalisation --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotSupportedError(f"this {self._type!r} store is closed: create a new one with kvframe.create()")
+
     def _keys(self, key: Any) -> tuple[list, bool]:
+        self._check_open()
         if isinstance(key, (list, tuple)):
             if not key:
                 raise ValueError("the key list is empty; give at least one key")
@@ -305,7 +311,7 @@ class KVStore:
 
     def push(self, key: Any, value: Any, priority: int = 0) -> None:
         """Push values (a list per key is summed). Returns once the inputs may be reused."""
-        if type(value) is np.ndarray and (type(key) is int or type(key) is str):  # the lean common case
+        if type(value) is np.ndarray and (type(key) is int or type(key) is str) and not self._closed:  # lean case
             meta = self._meta.get(key)
             if meta is not None and value.shape == meta.shape and value.dtype == meta.dtype:
                 self._backend.push([key], [[value]], priority)
@@ -325,7 +331,7 @@ class KVStore:
     def pull(self, key: Any, out: Any = None, priority: int = 0, ignore_sparse: bool = True,
              wait: bool = True) -> Handle:
         """Write each key's value into ``out``. With ``wait=False`` returns a handle to wait on."""
-        if type(out) is np.ndarray and (type(key) is int or type(key) is str):  # the lean common case
+        if type(out) is np.ndarray and (type(key) is int or type(key) is str) and not self._closed:  # lean case
             meta = self._meta.get(key)
             if meta is not None and out.shape == meta.shape and out.dtype == meta.dtype and out.flags.writeable:
                 handle = self._backend.pull([key], [[out]], priority, ignore_sparse)
@@ -447,6 +453,7 @@ class KVStore:
         """Run ``updater(key, merged_gradient, stored_weight)`` on each push instead of assigning."""
         if not callable(updater):
             raise TypeError(f"an updater must be callable as updater(key, grad, weight); got {type(updater).__name__}")
+        self._check_open()
         self._backend.set_updater(updater)
 
     _set_updater = set_updater
@@ -458,6 +465,7 @@ class KVStore:
         from kvframe.config import validate_plugin_config
         from kvframe.protocols import Optimizer
 
+        self._check_open()
         if isinstance(optimizer, Optimizer) and not isinstance(optimizer, (str, dict)) and hasattr(optimizer, "config"):
             if options:
                 raise TypeError("keyword options go with an optimizer name or config, not an optimizer object")
@@ -477,6 +485,7 @@ class KVStore:
         from kvframe import plugins
         from kvframe.config import validate_plugin_config
 
+        self._check_open()
         config = validate_plugin_config("compressors", compression_params, "gradient compression config", **options)
         self._backend.set_gradient_compression(plugins.create("compressors", config))
         self._compression = config
@@ -487,12 +496,14 @@ class KVStore:
 
     def save_optimizer_states(self, fname: str | os.PathLike, dump_optimizer: bool = False) -> None:
         """Write the optimizer states (arrays plus JSON, never pickle) to ``fname``."""
+        self._check_open()
         data = self._backend.get_optimizer_states(dump_optimizer)
         Path(fname).write_bytes(data)
 
     def load_optimizer_states(self, fname: str | os.PathLike) -> None:
         """Load states written by :meth:`save_optimizer_states`. States of another optimizer, or
         for other shapes than the keys hold, are refused before anything changes."""
+        self._check_open()
         data = Path(fname).read_bytes()
         check = getattr(self._optimizer, "check_states", None)
         # the optimizer can tell whether the states fit the keys here, unless the store writes its own
@@ -504,16 +515,20 @@ class KVStore:
     # control --------------------------------------------------------------------------------
     def barrier(self, timeout: float | None = None) -> None:
         """Wait until every worker reaches the barrier (no-op in single-process stores)."""
+        self._check_open()
         self._backend.barrier(timeout)
 
     _barrier = barrier
 
     def send_command_to_servers(self, head: int, body: str) -> None:
+        self._check_open()
         self._backend.send_command_to_servers(int(head), str(body))
 
     _send_command_to_servers = send_command_to_servers
 
     def close(self) -> None:
+        """Release the store's threads and connections; closing twice is fine, using it after is an error."""
+        self._closed = True
         self._backend.close()
 
     def __enter__(self) -> KVStore:

@@ -136,3 +136,22 @@ def test_row_sparse_outputs_of_another_dtype_are_refused(kv):
     good = RowSparseArray.zeros((6, 2), dtype=np.float32)
     kv.row_sparse_pull("emb", out=good, row_ids=np.array([4, 1, 4]))
     assert good.indices.tolist() == [1, 4] and good.data.tolist() == [[2, 3], [8, 9]]
+
+
+def test_a_closed_store_says_so_for_small_and_big_arrays(kv):
+    from kvframe.errors import NotSupportedError
+
+    kv.init([0, 1], [np.zeros(4, np.float32), np.zeros(2_000_000, np.float32)])
+    kv.close()
+    kv.close()  # twice is fine
+    for call in (lambda: kv.push(0, np.ones(4, np.float32)),
+                 lambda: kv.push(1, [np.ones(2_000_000, np.float32)] * 2),  # was: RuntimeError from the pool
+                 lambda: kv.pull(0, out=np.zeros(4, np.float32)),
+                 lambda: kv.pull(1, out=np.zeros(2_000_000, np.float32)),
+                 lambda: kv.pushpull(0, np.ones(4, np.float32)),
+                 lambda: kv.init(2, np.ones(1, np.float32)),
+                 lambda: kv.set_optimizer("sgd"),
+                 lambda: kv.barrier()):
+        with pytest.raises(NotSupportedError, match=r"store is closed"):
+            call()
+    assert kv.keys() == [0, 1] and "keys=2" in repr(kv)
