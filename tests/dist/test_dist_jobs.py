@@ -26,8 +26,8 @@ def test_sync_sums_pushes_with_exact_values(tmp_path, kvtype):
         kv.pull(3, out=out)
         assert (out == 10).all(), out
         for r in range(3):
-            kv.push(3, np.full((4, 5), rank + 1.0 + r, np.float32))
-            kv.pull(3, out=out)
+            kv.push(3, np.full((4, 5), rank + 1.0 + r, np.float32), priority=-r)
+            kv.pull(3, out=out, priority=r)                  # priorities travel; the value is the same
             assert (out == 3 + 2 * r).all(), (r, out)      # (1+r) + (2+r): summed, not averaged
             # a list of per-device values is summed on the worker first
             kv.push([5, 9], [[np.full(10, 1.0, np.float32), np.full(10, 2.0, np.float32)],

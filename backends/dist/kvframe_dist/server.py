@@ -77,6 +77,30 @@ class ShardState:
         self.trackers.clear()
 
 
+def _prio(h: dict) -> int:
+    p = h.get("prio", 0)
+    return p if type(p) is int else 0
+
+
+def by_priority(batch: list) -> list:
+    """The order to serve a burst of requests in: each worker's requests stay in the order it sent
+    them; among the workers' next requests the highest ``prio`` goes first (then arrival order)."""
+    if len(batch) < 2 or all(_prio(h) == 0 for _, h, _ in batch):
+        return batch
+    queues: dict[bytes, list] = {}
+    for seq, msg in enumerate(batch):
+        queues.setdefault(msg[0], []).append((seq, msg))
+    heads = {ident: 0 for ident in queues}
+    out = []
+    while heads:
+        ident = max(heads, key=lambda i: (_prio(queues[i][heads[i]][1][1]), -queues[i][heads[i]][0]))
+        out.append(queues[ident][heads[ident]][1])
+        heads[ident] += 1
+        if heads[ident] == len(queues[ident]):
+            del heads[ident]
+    return out
+
+
 def load_extra_plugins() -> None:
     """``KVFRAME_PLUGIN_MODULES=a.b,c``: register these modules' plugins in this process too."""
     from kvframe import plugins
@@ -528,18 +552,19 @@ class Server:
                               time.monotonic() - last_sched, env.heartbeat_timeout)
                     self.exit_code = 1
                 if self.sock in events:
-                    for _ in range(64):  # serve a burst, then look at the scheduler again
+                    batch = []
+                    for _ in range(64):  # take what has come (a burst), then look at the scheduler again
                         try:
-                            ident, h, frames = self.transport.recv(self.sock, router=True)
+                            batch.append(self.transport.recv(self.sock, router=True))
                         except zmq.Again:
                             break
                         except BadMessage as exc:
                             self.stats["dropped"] += 1
                             log.warning("server %d dropped a message: %s", self.rank, exc)
-                        else:
-                            self.handle(ident, h, frames)
                         if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                             break
+                    for ident, h, frames in by_priority(batch):
+                        self.handle(ident, h, frames)
         finally:
             try:
                 if self.exit_code == 0:

@@ -473,6 +473,8 @@ class DistStore(StoreBackend):
             rid = next(self._ids)
             self._unconfirmed[rid] = (s, what)
             header = {"op": "push", "items": items, "sync": self.sync, "id": rid}
+            if priority:
+                header["prio"] = int(priority)
             trackers.extend(self.transport.send(self.servers[s], header, frames, track=True))
         self._wait_trackers(trackers, what)
         if len(self._unconfirmed) > 4096:  # bound what may be in flight unconfirmed
@@ -575,7 +577,7 @@ class DistStore(StoreBackend):
                 o.set(staging) if hasattr(o, "set") else o.__setitem__(Ellipsis, staging)
 
     def _requests_for(self, op: str, keys: list, outs: list[list], per_server_push: dict | None,
-                      what: str) -> tuple[list[Request], list]:
+                      what: str, priority: int = 0) -> tuple[list[Request], list]:
         views_per_key, after = self._outs_plan(keys, outs)
         targets: dict[int, list] = {}
         items: dict[int, list] = {}
@@ -606,6 +608,8 @@ class DistStore(StoreBackend):
             else:
                 pitems = None
                 header, frames = {"op": "pull", "items": items[s], "sync": self.sync}, []
+            if priority:
+                header["prio"] = int(priority)
             if self.config.compress_pulls and self._compressor is not None:
                 header["cpull"] = 1
             elif self.shm is not None and self.sync:
@@ -616,7 +620,7 @@ class DistStore(StoreBackend):
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         self._check_failure()
         what = f"pull of keys {_keys_text(keys)}"
-        reqs, after = self._requests_for("pull", keys, outs, None, what)
+        reqs, after = self._requests_for("pull", keys, outs, None, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
     def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
@@ -628,7 +632,7 @@ class DistStore(StoreBackend):
         per_server = self._push_items(keys, values)
         what = f"pushpull of keys {_keys_text(keys)}"
         # every server holding a pushed shard also answers with its values
-        reqs, after = self._requests_for("pushpull", keys, outs, per_server, what)
+        reqs, after = self._requests_for("pushpull", keys, outs, per_server, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
     def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
