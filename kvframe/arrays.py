@@ -42,8 +42,12 @@ def as_native(x: Any) -> Any:
             except (BufferError, TypeError, RuntimeError) as exc:  # e.g. bfloat16, which numpy lacks
                 raise TypeError(f"cannot view {describe(x)} through DLPack as a numpy array: {exc} (convert it "
                                 "first, e.g. bfloat16 to float32, or detach a tensor that requires grad)") from exc
-        import cupy  # CUDA memory: cupy is needed to use it
-
+        try:
+            import cupy  # CUDA memory: cupy is needed to use it
+        except ImportError:
+            raise TypeError(f"{describe(x)} lives in GPU memory (DLPack device type {int(dev_type)}), which kvframe "
+                            "uses through cupy, and cupy is not installed: pip install cupy-cuda12x (or "
+                            "cupy-cuda13x), or move the array to the CPU first") from None
         return cupy.from_dlpack(x)
     return None
 

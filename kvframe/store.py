@@ -198,7 +198,7 @@ class KVStore:
     def is_capable(self, capability: str) -> bool:
         """Whether this store can do ``capability`` ('optimizer' is the only one MXNet knew)."""
         known = {"optimizer", "compression", "row_sparse"}
-        if capability.lower() not in known:
+        if not isinstance(capability, str) or capability.lower() not in known:
             raise ValueError(f"unknown capability {capability!r}; known: {sorted(known)}")
         return capability.lower() in self._backend.capabilities
 
@@ -234,8 +234,10 @@ class KVStore:
         except TypeError as exc:
             raise TypeError(f"key {key!r}: {what}: {exc}") from exc
         if arr is None:
+            got = f"the numpy scalar {x!r} (make it an array: np.asarray(x))" if isinstance(x, np.generic) \
+                else type(x).__name__
             raise TypeError(f"key {key!r}: {what} must be an array (numpy, cupy, kvframe.RowSparseArray or "
-                            f"anything with __dlpack__); got {type(x).__name__}")
+                            f"anything with __dlpack__); got {got}")
         return arr
 
     def _per_key(self, keys: list, single: bool, value: Any, what: str) -> list[list]:

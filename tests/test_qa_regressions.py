@@ -155,3 +155,36 @@ def test_a_closed_store_says_so_for_small_and_big_arrays(kv):
         with pytest.raises(NotSupportedError, match=r"store is closed"):
             call()
     assert kv.keys() == [0, 1] and "keys=2" in repr(kv)
+
+
+class _CudaOnlyDLPack:
+    """A DLPack producer in CUDA memory (as a torch CUDA tensor) on a machine without cupy."""
+
+    shape, dtype = (4,), np.float32
+
+    def __dlpack__(self, stream=None):
+        raise AssertionError("must not be exported")
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA
+
+
+def test_gpu_dlpack_arrays_without_cupy_say_what_to_install(kv):
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed")
+    kv.init("w", np.full(4, 2, np.float32))
+    with pytest.raises(TypeError, match=r"key 'w': value: .*GPU memory.*cupy is not installed: pip install cupy"):
+        kv.push("w", _CudaOnlyDLPack())
+    assert (stored(kv, "w") == 2).all()
+
+
+def test_numpy_scalars_and_odd_capabilities_get_clear_errors(kv):
+    kv.init(0, np.zeros((), np.float32))
+    with pytest.raises(TypeError, match=r"key 0: value must be an array .* got the numpy scalar .*np.asarray"):
+        kv.push(0, np.float32(1))
+    kv.push(0, np.asarray(np.float32(1)))
+    assert stored(kv, 0, shape=()) == 1
+    with pytest.raises(ValueError, match="unknown capability 1"):
+        kv.is_capable(1)
