@@ -425,6 +425,11 @@ class KVStore:
         norm_ids = []
         for k, os_, rs in zip(keys, outs, ids):
             meta = self._meta_of(k)
+            for r in rs:
+                if as_native(r) is None:
+                    hint = " (a list of row numbers? pass np.array([...]))" if isinstance(r, (int, np.integer)) else ""
+                    raise TypeError(f"key {k!r}: row_ids must be 1-D arrays of row numbers, one per output or one "
+                                    f"for all; got {type(r).__name__}{hint}")
             if len(rs) == 1 and len(os_) > 1:
                 rs = list(rs) * len(os_)
             if len(rs) != len(os_):

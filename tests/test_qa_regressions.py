@@ -188,3 +188,15 @@ def test_numpy_scalars_and_odd_capabilities_get_clear_errors(kv):
     assert stored(kv, 0, shape=()) == 1
     with pytest.raises(ValueError, match="unknown capability 1"):
         kv.is_capable(1)
+
+
+def test_row_ids_as_a_list_of_ints_gets_a_clear_error(kv):
+    from kvframe import RowSparseArray
+
+    kv.init("emb", np.arange(12, dtype=np.float32).reshape(6, 2))
+    out = RowSparseArray.zeros((6, 2))
+    with pytest.raises(TypeError, match=r"key 'emb': row_ids must be 1-D arrays.*got int \(a list of row numbers\? "
+                                        r"pass np.array"):
+        kv.row_sparse_pull("emb", out=out, row_ids=[0, 2])  # MXNet refuses it too
+    kv.row_sparse_pull("emb", out=out, row_ids=np.array([0, 2]))
+    assert out.indices.tolist() == [0, 2] and out.data.tolist() == [[0, 1], [4, 5]]
