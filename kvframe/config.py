@@ -40,6 +40,15 @@ class TransportConfig(PluginConfig):
     """Options of a network transport."""
 
 
+def error_message(e: Mapping[str, Any]) -> str:
+    """pydantic's message for one error, with its jargon about union tags made plain."""
+    if e.get("type") == "union_tag_not_found":
+        tag = (e.get("ctx") or {}).get("discriminator", "'type'")
+        return (f"field {tag} is required here: it names which kind of config this is (`kvframe config-schema` "
+                "lists them)")
+    return str(e.get("msg"))
+
+
 def format_validation_error(err: pydantic.ValidationError, what: str, source: str | None = None) -> str:
     """One line per problem: the field path, the reason and the value that came."""
     where = f" in {source}" if source else ""
@@ -48,7 +57,7 @@ def format_validation_error(err: pydantic.ValidationError, what: str, source: st
         path = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
         got = e.get("input")
         shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
-        lines.append(f"  {path}: {e.get('msg')}{shown}")
+        lines.append(f"  {path}: {error_message(e)}{shown}")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvframe.config import CompressionConfig, OptimizerConfig, PluginConfig, StoreConfig
+from kvframe.config import CompressionConfig, OptimizerConfig, PluginConfig, StoreConfig, error_message
 from kvframe.errors import ConfigError, KVFrameError
 
 ENV_PREFIX = "KVFRAME_"
@@ -288,7 +288,7 @@ def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[Plug
     except pydantic.ValidationError as err:
         for e in err.errors():
             problems.add((section, *_clean_loc(tuple(e.get("loc", ())), data)),
-                         f"{e.get('msg')}{_fmt_value(e.get('input'))}")
+                         f"{error_message(e)}{_fmt_value(e.get('input'))}")
         return None, None
 
 

@@ -200,3 +200,16 @@ def test_row_ids_as_a_list_of_ints_gets_a_clear_error(kv):
         kv.row_sparse_pull("emb", out=out, row_ids=[0, 2])  # MXNet refuses it too
     kv.row_sparse_pull("emb", out=out, row_ids=np.array([0, 2]))
     assert out.indices.tolist() == [0, 2] and out.data.tolist() == [[0, 1], [4, 5]]
+
+
+def test_a_scheduler_without_type_gets_a_plain_message():
+    from kvframe.configfile import load_config
+    from kvframe.errors import ConfigError
+
+    store = kvframe.create("local")
+    with pytest.raises(ConfigError, match=r"lr_scheduler: field 'type' is required here") as e:
+        store.set_optimizer("sgd", lr_scheduler={"step": 2})
+    assert "Unable to extract tag" not in str(e.value) and store.optimizer is None
+    with pytest.raises(ConfigError, match=r"optimizer.lr_scheduler: field 'type' is required here"):
+        load_config({"optimizer": {"type": "sgd", "lr_scheduler": {"step": 2}}}, environ={})
+    store.close()
