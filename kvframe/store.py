@@ -27,7 +27,22 @@ from kvframe.errors import (
     ShapeMismatchError,
 )
 
-DEFAULT_TIMEOUT = float(os.environ.get("KVFRAME_TIMEOUT", "120"))
+
+def _env_timeout(name: str = "KVFRAME_TIMEOUT", default: float = 120.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ValueError(f"environment variable {name}={raw!r}: expected a positive number of seconds, e.g. "
+                         f"{name}=300 (default {default:g})")
+    return value
+
+
+DEFAULT_TIMEOUT = _env_timeout()
 
 # MXNet's historical names for store types, so existing scripts keep working.
 STORE_ALIASES = {
@@ -73,7 +88,8 @@ class FutureHandle(Handle):
         try:
             self._future.result(timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
         except concurrent.futures.TimeoutError:
-            raise KVTimeoutError(f"timed out after {timeout or DEFAULT_TIMEOUT:g} s waiting for {self._what}") from None
+            waited = DEFAULT_TIMEOUT if timeout is None else timeout
+            raise KVTimeoutError(f"timed out after {waited:g} s waiting for {self._what}") from None
 
     def done(self) -> bool:
         return self._future.done()

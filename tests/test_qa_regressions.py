@@ -213,3 +213,27 @@ def test_a_scheduler_without_type_gets_a_plain_message():
     with pytest.raises(ConfigError, match=r"optimizer.lr_scheduler: field 'type' is required here"):
         load_config({"optimizer": {"type": "sgd", "lr_scheduler": {"step": 2}}}, environ={})
     store.close()
+
+
+@pytest.mark.parametrize("raw", ["2m", "0", "-5", "inf", "nan"])
+def test_a_bad_kvframe_timeout_is_named(monkeypatch, raw):
+    from kvframe.store import _env_timeout
+
+    monkeypatch.setenv("KVFRAME_TIMEOUT", raw)
+    with pytest.raises(ValueError, match=rf"KVFRAME_TIMEOUT='{raw}': expected a positive number of seconds"):
+        _env_timeout()
+    monkeypatch.setenv("KVFRAME_TIMEOUT", " 300 ")
+    assert _env_timeout() == 300.0
+    monkeypatch.delenv("KVFRAME_TIMEOUT")
+    assert _env_timeout() == 120.0
+
+
+def test_a_timeout_error_names_the_timeout_waited():
+    import concurrent.futures
+
+    from kvframe.errors import KVTimeoutError
+    from kvframe.store import FutureHandle
+
+    handle = FutureHandle(concurrent.futures.Future(), "pull of key 'w'")
+    with pytest.raises(KVTimeoutError, match=r"timed out after 0 s waiting for pull of key 'w'"):
+        handle.wait(0)  # said 120 s (the default) before
