@@ -122,7 +122,11 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     for note in schema.get("x-kvframe-skipped", []):
         print(f"kvframe config-schema: left out {note}", file=sys.stderr)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        try:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"kvframe config-schema: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)

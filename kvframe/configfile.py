@@ -137,7 +137,12 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} not found" if not p.exists() else
                           f"config path {str(p)!r} is not a file")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     if suffix == ".toml":
         toml = _toml_module()
         try:

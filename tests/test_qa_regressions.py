@@ -237,3 +237,16 @@ def test_a_timeout_error_names_the_timeout_waited():
     handle = FutureHandle(concurrent.futures.Future(), "pull of key 'w'")
     with pytest.raises(KVTimeoutError, match=r"timed out after 0 s waiting for pull of key 'w'"):
         handle.wait(0)  # said 120 s (the default) before
+
+
+def test_validate_a_non_utf8_file_and_schema_to_a_missing_folder_are_clean_errors(tmp_path, capsys):
+    from kvframe.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[store]\n")
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "Traceback" not in err
+    assert main(["config-schema", "-o", str(tmp_path / "missing" / "schema.json")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No such file or directory" in err
