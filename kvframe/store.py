@@ -174,7 +174,7 @@ class StoreBackend:
 
 def _check_key(key: Any) -> int | str:
     if isinstance(key, str):
-        return key
+        return key if type(key) is str else str(key)  # numpy's str_ (keys from an array of names) is a str
     if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
         return int(key)
     raise TypeError(f"a key must be an int or a str; got {key!r} of type {type(key).__name__}")

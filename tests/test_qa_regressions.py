@@ -250,3 +250,14 @@ def test_validate_a_non_utf8_file_and_schema_to_a_missing_folder_are_clean_error
     assert main(["config-schema", "-o", str(tmp_path / "missing" / "schema.json")]) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "No such file or directory" in err
+
+
+def test_numpy_str_keys_are_plain_str_keys(kv):
+    names = np.array(["w", "b"])  # np.str_ elements, e.g. parameter names kept in an array
+    kv.init(list(names), [np.zeros(2, np.float32), np.zeros(3, np.float32)])
+    assert kv.keys() == ["w", "b"] and all(type(k) is str for k in kv.keys())
+    kv.push(names[0], np.ones(2, np.float32))  # was MixedKeyTypesError: 'this store uses str keys'
+    kv.push("b", np.full(3, 2, np.float32))
+    out = np.zeros(2, np.float32)
+    kv.pull(names[0], out=out)
+    assert (out == 1).all() and (stored(kv, names[1], shape=(3,)) == 2).all()
