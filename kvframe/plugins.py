@@ -23,7 +23,7 @@ import pluggy
 
 from kvframe import hookspecs
 from kvframe.config import PluginConfig
-from kvframe.errors import DuplicateRegistrationError, PluginImportError, PluginNotFoundError
+from kvframe.errors import DuplicateRegistrationError, KVFrameError, PluginImportError, PluginNotFoundError
 
 KINDS = {
     "stores": "kvframe_register_stores",
@@ -158,7 +158,18 @@ def _load_entry_point(kind: str, ep: metadata.EntryPoint) -> None:
         raise PluginImportError(
             f"{kind[:-1]} {ep.name!r} comes from distribution {dist or '?'} (module {ep.value}), "
             f"which failed to import: {reason}") from exc
-    register_plugin(module, name=ep.value.split(":")[0], distribution=dist, version=version)
+    modname = ep.value.split(":")[0]
+    try:
+        register_plugin(module, name=modname, distribution=dist, version=version)
+    except Exception as exc:  # its registration hook raised: it breaks only its own names too
+        unregister_plugin(modname)  # no half-registered plugin stays behind
+        reason = f"{type(exc).__name__}: {exc}"
+        _failed[f"{_group(kind)}:{ep.name}"] = reason
+        if isinstance(exc, KVFrameError):  # e.g. DuplicateRegistrationError, which says it all
+            raise
+        raise PluginImportError(
+            f"{kind[:-1]} {ep.name!r} comes from distribution {dist or '?'} (module {ep.value}), whose "
+            f"kvframe_register_* hook failed: {reason}") from exc
 
 
 def lookup(kind: str, name: str) -> Registration:
@@ -207,7 +218,7 @@ def load_all() -> dict[str, str]:
                 continue
             try:
                 _load_entry_point(kind, ep)
-            except PluginImportError:
+            except KVFrameError:  # recorded in _failed
                 pass
     return dict(_failed)
 

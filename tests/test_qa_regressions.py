@@ -261,3 +261,44 @@ def test_numpy_str_keys_are_plain_str_keys(kv):
     out = np.zeros(2, np.float32)
     kv.pull(names[0], out=out)
     assert (out == 1).all() and (stored(kv, names[1], shape=(3,)) == 2).all()
+
+
+def test_a_plugin_whose_register_hook_fails_breaks_only_its_own_names(tmp_path, monkeypatch, capsys):
+    import textwrap
+
+    from kvframe import cli, plugins
+    from kvframe.errors import PluginImportError
+
+    info = tmp_path / "kvframe_qa_hookfail-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvframe-qa-hookfail\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text("[kvframe.stores]\nqa_hookfail = kvframe_qa_hookfail\n"
+                                           "qa_badmodel = kvframe_qa_badmodel\n")
+    (tmp_path / "kvframe_qa_hookfail.py").write_text(textwrap.dedent("""
+        import kvframe
+        @kvframe.hookimpl
+        def kvframe_register_stores(register):
+            raise RuntimeError("boom in the register hook")
+        """))
+    (tmp_path / "kvframe_qa_badmodel.py").write_text(textwrap.dedent("""
+        import kvframe
+        @kvframe.hookimpl
+        def kvframe_register_stores(register):
+            register("qa_badmodel", object, dict)
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(PluginImportError, match=r"kvframe-qa-hookfail .*hook failed: RuntimeError: boom"):
+            kvframe.create("qa_hookfail")
+        with pytest.raises(PluginImportError, match=r"hook failed: TypeError: .*not a kvframe.config.PluginConfig"):
+            kvframe.create("qa_badmodel")
+        assert kvframe.create("local").type == "local"
+        # `kvframe plugins` lists them as failed instead of crashing with a traceback
+        assert cli.main(["plugins"]) == 0
+        out = capsys.readouterr().out
+        assert "store 'qa_hookfail' from kvframe-qa-hookfail 1.2.3: RuntimeError: boom in the register hook" in out
+        assert "store 'qa_badmodel' from kvframe-qa-hookfail 1.2.3: TypeError" in out
+        assert plugins.plugin_manager().get_plugin("kvframe_qa_hookfail") is None  # nothing half-registered
+    finally:
+        for name in ("kvframe.stores:qa_hookfail", "kvframe.stores:qa_badmodel"):
+            plugins._failed.pop(name, None)
