@@ -3,7 +3,8 @@
 With ``error_feedback`` (the default) the rounding error stays in the residual and is sent in a
 later step: ``r += g; payload = cast(r); r -= payload``.  Without it the gradient is cast as is
 and the residual is left alone.  fp16 saturates: values beyond +-65504 (its largest finite
-value) are sent as +-65504, and with error feedback the excess waits in the residual.
+value) are sent as +-65504, and with error feedback the excess waits in the residual.  NaN and inf are sent as they come
+but never kept in the residual.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def bf16_bits_to_f32(bits: Any, out: Any, xp: Any = np) -> Any:
     return out
 
 
+def _forget_non_finite(residual: Any, xp: Any) -> None:
+    """A NaN or inf gradient is sent once (so an overflow still shows) but never kept: left in the
+    residual it would poison every later step, and overflowing steps are routine with loss scaling."""
+    bad = ~xp.isfinite(residual)
+    if bool(bad.any()):
+        residual[bad] = 0
+
+
 class _Cast(BaseCompressor):
     wire_dtype: Any = np.float16
     block_multiple = 1
@@ -67,6 +76,7 @@ class _Cast(BaseCompressor):
                 back = xp.empty_like(r)
                 self._from_wire(out, back, xp)
                 r -= back
+                _forget_non_finite(r, xp)
             else:
                 self._to_wire(g.astype(g.dtype, copy=False), out, xp)
             return out
@@ -85,7 +95,9 @@ class _Cast(BaseCompressor):
                 self._to_wire(rb, out[s:e], np)
                 back = scratch.get("back_" + str(rb.dtype), e - s, rb.dtype)
                 self._from_wire(out[s:e], back, np)
-                np.subtract(rb, back, out=rb)
+                with np.errstate(invalid="ignore"):  # inf - inf: forgotten just below
+                    np.subtract(rb, back, out=rb)
+                _forget_non_finite(rb, np)
 
         run_ranges(work, g.size)
         return out

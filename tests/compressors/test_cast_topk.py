@@ -92,6 +92,21 @@ def test_fp16_saturates_and_keeps_the_excess(make):
     assert np.isfinite(res).all()
 
 
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_a_non_finite_gradient_is_sent_once_and_not_kept(make, name):
+    comp = make(name)
+    res = np.zeros(3, np.float32)
+    comp.encode(np.float32([np.nan, np.inf, 0.5]), res)
+    np.testing.assert_array_equal(res, [0, 0, 0])  # 0.5 is exact in both formats
+    out = np.zeros(3, np.float32)
+    comp.decode(comp.encode(np.float32([1, 1, 1]), res), out)
+    np.testing.assert_array_equal(out, [1, 1, 1])  # later steps are clean again
+    big = np.full(70_000, np.nan, np.float32)  # the blocked path too
+    res = np.zeros_like(big)
+    comp.encode(big, res)
+    assert not res.any()
+
+
 def test_bf16_refuses_float64(make):
     with pytest.raises(DTypeMismatchError, match="bf16 compression needs float32"):
         make("bf16").encode(np.zeros(3), np.zeros(3))
