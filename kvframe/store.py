@@ -166,10 +166,29 @@ class StoreBackend:
         """Single-process stores have nothing to wait for."""
 
     def send_command_to_servers(self, head: int, body: str) -> None:
-        raise NotSupportedError(f"store {type(self).__name__} has no servers")
+        """Single-process stores have no servers: the command is ignored, as MXNet does."""
 
     def close(self) -> None:
         pass
+
+
+class InProcessUpdates:
+    """For stores that run the updater in this process: keeps it, and saves and loads its states."""
+
+    _updater: Any = None
+
+    def set_updater(self, updater: Any) -> None:
+        self._updater = updater
+
+    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
+        if self._updater is None or not hasattr(self._updater, "get_states"):
+            raise NotSupportedError("there are no optimizer states to save: call set_optimizer first")
+        return self._updater.get_states(dump_optimizer)
+
+    def set_optimizer_states(self, data: bytes) -> None:
+        if self._updater is None or not hasattr(self._updater, "set_states"):
+            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
+        self._updater.set_states(data)
 
 
 def _check_key(key: Any) -> int | str:

@@ -35,6 +35,9 @@ def test_identity(kv):
     assert kv.is_capable("optimizer") and kv.is_capable(kvframe.KVStore.OPTIMIZER)
     with pytest.raises(ValueError, match="unknown capability 'teleport'"):
         kv.is_capable("teleport")
+    # MXNet ignores commands to servers on a store without servers; so do we
+    assert kv._send_command_to_servers(0, "ignored") is None
+    kv.barrier()
 
 
 def test_push_assigns_the_sum_of_device_values(kv):

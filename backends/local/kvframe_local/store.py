@@ -10,7 +10,7 @@ from pydantic import Field
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.config import StoreConfig
 from kvframe.errors import NotSupportedError
-from kvframe.store import COMPLETED, Handle, StoreBackend
+from kvframe.store import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe_local.reduce import Reducer, merge
 
 
@@ -35,7 +35,7 @@ def unique_rows(row_ids: Any) -> Any:
     return xp.unique(xp.asarray(row_ids).astype(np.int64, copy=False))
 
 
-class LocalStore(StoreBackend):
+class LocalStore(InProcessUpdates, StoreBackend):
     capabilities = frozenset({"optimizer", "row_sparse"})
 
     def __init__(self, config: LocalConfig):
@@ -43,7 +43,6 @@ class LocalStore(StoreBackend):
         self._reducer = Reducer(config.reduce_threads, config.bigarray_bound)
         self._data: dict = {}
         self._merge_buf: dict = {}
-        self._updater: Any = None
 
     # where a key's value lives; the device store overrides these
     def _place(self, key: Any, value: Any) -> Any:
@@ -118,19 +117,6 @@ class LocalStore(StoreBackend):
                 o.data = data.copy() if len(os_) > 1 else data
                 o.indices = rows.copy() if len(os_) > 1 else rows
         return COMPLETED
-
-    def set_updater(self, updater: Any) -> None:
-        self._updater = updater
-
-    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
-        if self._updater is None or not hasattr(self._updater, "get_states"):
-            raise NotSupportedError("there are no optimizer states to save: call set_optimizer first")
-        return self._updater.get_states(dump_optimizer)
-
-    def set_optimizer_states(self, data: bytes) -> None:
-        if self._updater is None or not hasattr(self._updater, "set_states"):
-            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
-        self._updater.set_states(data)
 
     def set_gradient_compression(self, compressor: Any) -> None:
         raise NotSupportedError("gradient compression is not supported by store 'local' (as in MXNet): use "

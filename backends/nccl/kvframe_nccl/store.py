@@ -27,7 +27,7 @@ import numpy as np
 
 from kvframe.arrays import RowSparseArray
 from kvframe.errors import ConfigError, KeyNotInitializedError, KVTimeoutError, NotSupportedError
-from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
+from kvframe.store import DEFAULT_TIMEOUT, Handle, InProcessUpdates, StoreBackend
 from kvframe_nccl import buckets, cuda
 from kvframe_nccl.config import NcclConfig
 from kvframe_nccl.launch_env import LaunchEnvError, LaunchInfo, detect_launch, rendezvous_address, validate
@@ -77,7 +77,7 @@ def _span(a: Any) -> tuple[int, int]:
     return int(a.data.ptr), int(a.data.ptr) + int(a.nbytes)
 
 
-class NcclStore(StoreBackend):
+class NcclStore(InProcessUpdates, StoreBackend):
     capabilities = frozenset({"optimizer"})
 
     def __init__(self, config: NcclConfig):
@@ -87,7 +87,6 @@ class NcclStore(StoreBackend):
         self._timeout = float(config.timeout or DEFAULT_TIMEOUT)
         self._data: dict[Hashable, Any] = {}
         self._no_value: set = set()
-        self._updater: Any = None
         self._plans: dict[tuple, list[buckets.Unit]] = {}
         self._codes: dict[str, int] = {}  # numpy dtype.str -> NCCL dtype code
         self._closed = False
@@ -562,19 +561,9 @@ class NcclStore(StoreBackend):
                                 "store 'local' or 'device'")
 
     # updates ---------------------------------------------------------------------------------
-    def set_updater(self, updater: Any) -> None:
-        self._updater = updater
-
     def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
-        if self._updater is None or not hasattr(self._updater, "get_states"):
-            raise NotSupportedError("there are no optimizer states to save: call set_optimizer first")
-        self._synchronize()
-        return self._updater.get_states(dump_optimizer)
-
-    def set_optimizer_states(self, data: bytes) -> None:
-        if self._updater is None or not hasattr(self._updater, "set_states"):
-            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
-        self._updater.set_states(data)
+        self._synchronize()  # the states are updated on the GPUs' streams
+        return super().get_optimizer_states(dump_optimizer)
 
     def set_gradient_compression(self, compressor: Any) -> None:
         raise NotSupportedError("store 'nccl' does not support gradient compression (as in MXNet): NCCL sums the "
