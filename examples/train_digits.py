@@ -190,12 +190,14 @@ def sgd_on_worker(momentum: float, lr: float, rescale: float):
 
 def train(args: argparse.Namespace, cfg) -> dict:
     app = cfg.app
-    epochs = args.epochs or int(app.get("epochs", 15))
-    devices = args.devices or int(app.get("devices", 2))
-    batch = args.batch_size or int(app.get("batch_size", 64))
-    hidden = args.hidden or int(app.get("hidden", 64))
+    epochs = pick(args.epochs, app, "epochs", 15)
+    devices = pick(args.devices, app, "devices", 2)
+    batch = pick(args.batch_size, app, "batch_size", 64)
+    hidden = pick(args.hidden, app, "hidden", 64)
 
     x_train, y_train, x_test, y_test = load_data(args.seed)
+    if batch > len(x_train):
+        raise SystemExit(f"--batch-size {batch} is larger than the {len(x_train)} training images: no step would run")
     on_store = cfg.optimizer is not None
     if on_store and "rescale_grad" in type(cfg.optimizer).model_fields \
             and "rescale_grad" not in cfg.optimizer.model_fields_set:
@@ -288,15 +290,32 @@ def train(args: argparse.Namespace, cfg) -> dict:
     return result
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def pick(given: int | None, app: dict, key: str, default: int) -> int:
+    """The command line wins, then the config's [app] table, then the default."""
+    if given is not None:
+        return given
+    value = int(app.get(key, default))
+    if value < 1:
+        raise SystemExit(f"[app] {key} must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Data-parallel MLP on scikit-learn's digits through kvframe.")
     ap.add_argument("--config", help=f"kvframe config file (default: ${ENV_CONFIG}, else {DEFAULT_CONFIG.name})")
-    ap.add_argument("--epochs", type=int, help="epochs (default: [app] epochs, else 15)")
-    ap.add_argument("--devices", type=int, help="simulated devices per worker (default: [app] devices, else 2)")
-    ap.add_argument("--batch-size", type=int, help="global batch size (default: [app] batch_size, else 64)")
-    ap.add_argument("--hidden", type=int, help="hidden units (default: [app] hidden, else 64)")
-    ap.add_argument("--workers", type=int, help="dist stores: workers to launch (default: [app] workers, else 2)")
-    ap.add_argument("--servers", type=int, help="dist stores: servers to launch (default: [app] servers, else 1)")
+    ap.add_argument("--epochs", type=positive_int, help="epochs (default: [app] epochs, else 15)")
+    ap.add_argument("--devices", type=positive_int, help="simulated devices per worker ([app] devices, else 2)")
+    ap.add_argument("--batch-size", type=positive_int, help="global batch size (default: [app] batch_size, else 64)")
+    ap.add_argument("--hidden", type=positive_int, help="hidden units (default: [app] hidden, else 64)")
+    ap.add_argument("--workers", type=positive_int, help="dist stores: workers to launch ([app] workers, else 2)")
+    ap.add_argument("--servers", type=positive_int, help="dist stores: servers to launch ([app] servers, else 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the worker-side SGD (no [optimizer])")
     ap.add_argument("--momentum", type=float, default=0.9, help="momentum of the worker-side SGD (no [optimizer])")
@@ -317,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if cfg.store.type.startswith("dist") and not under_launcher():
-        workers = args.workers or int(cfg.app.get("workers", 2))
-        servers = args.servers or int(cfg.app.get("servers", 1))
+        workers = pick(args.workers, cfg.app, "workers", 2)
+        servers = pick(args.servers, cfg.app, "servers", 1)
         if "--config" not in argv:
             argv = ["--config", str(path), *argv]
         return relaunch(path, workers, servers, argv)
+    if (args.workers or args.servers) and not cfg.store.type.startswith("dist"):
+        print(f"--workers and --servers apply to dist stores; store {cfg.store.type!r} runs in this one process",
+              file=sys.stderr)
+        return 2
     result = train(args, cfg)
     if args.json:
         Path(args.json.replace("{rank}", str(result["rank"]))).write_text(json.dumps(result, indent=1))

@@ -147,6 +147,19 @@ def test_invalid_config_is_refused_before_training(tmp_path):
     assert "epoch" not in proc.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["--devices", "-1"], "argument --devices: must be a positive integer, got -1"),
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1438 training images"),
+    (["--workers", "2"], "--workers and --servers apply to dist stores"),
+])
+def test_bad_demo_options_are_refused(args, message):
+    proc = subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "final:" not in proc.stdout
+
+
 def test_simple_progress_bar_without_tqdm(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("train_digits_under_test", DEMO)
     mod = importlib.util.module_from_spec(spec)
