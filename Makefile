@@ -13,8 +13,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(wildcard backends/*/pyproject.toml) compressors/pyproject.toml optimizers/pyproject.toml tests/plugins/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p))
+	@echo "installing kvframe's packages into $(VENV) (log: $(VENV)/install.log)"
+	@( $(PY) -m pip install -q --upgrade pip && \
+	   $(PY) -m pip install -q -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p)) ) > $(VENV)/install.log 2>&1 \
+	   || { cat $(VENV)/install.log; echo "installation failed (log above)"; exit 1; }
 	touch $(STAMP)
 
 demo: $(STAMP)
