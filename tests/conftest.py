@@ -1,6 +1,24 @@
 import importlib.util
+import textwrap
 
 import pytest
+
+
+@pytest.fixture
+def make_dist():
+    """Writes a real installed distribution into a folder: a dist-info with entry points (which
+    importlib.metadata finds once the folder is on sys.path or PYTHONPATH) plus plugin modules."""
+
+    def make(folder, name, entry_points, modules):
+        info = folder / f"{name.replace('-', '_')}-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+        (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+        for mod, code in modules.items():
+            (folder / f"{mod}.py").write_text(textwrap.dedent(code))
+        return folder
+
+    return make
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,16 +25,6 @@ def kvframe_cmd(*args, env=None, timeout=120):
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
-def make_dist(tmp_path, name, entry_points, modules):
-    info = tmp_path / f"{name.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
-    for mod, code in modules.items():
-        (tmp_path / f"{mod}.py").write_text(textwrap.dedent(code))
-    return tmp_path
-
-
 THIRD_PARTY = {
     # an optimizer whose config pins no Literal type: the schema must still get a tagged union member
     "kvframe_cli_fooopt": """
@@ -63,7 +53,7 @@ THIRD_PARTY_EPS = """
 
 
 @pytest.fixture
-def third_party(tmp_path):
+def third_party(tmp_path, make_dist):
     path = make_dist(tmp_path, "kvframe-clitest", THIRD_PARTY_EPS, THIRD_PARTY)
     return {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
 

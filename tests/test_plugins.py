@@ -12,17 +12,6 @@ from kvframe import plugins
 from kvframe.errors import DuplicateRegistrationError, PluginImportError, PluginNotFoundError
 
 
-def make_dist(tmp_path, name, entry_points, modules):
-    """A real installed distribution on sys.path: a dist-info with entry points, plus modules."""
-    info = tmp_path / f"{name.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
-    for mod, code in modules.items():
-        (tmp_path / f"{mod}.py").write_text(textwrap.dedent(code))
-    return tmp_path
-
-
 def test_default_store_is_local():
     kv = kvframe.create()
     assert kv.type == "local"
@@ -108,7 +97,7 @@ def test_lookup_imports_only_the_plugin_asked_for():
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
-def test_broken_plugin_names_its_distribution_and_error_and_breaks_nothing_else(tmp_path, monkeypatch):
+def test_broken_plugin_names_its_distribution_and_error_and_breaks_nothing_else(tmp_path, monkeypatch, make_dist):
     make_dist(tmp_path, "kvframe-broken", """
         [kvframe.stores]
         brokenstore = kvframe_broken_mod
