@@ -33,8 +33,8 @@ from kvframe.arrays import RowSparseArray
 from kvframe_dist.env import NodeEnv, node_env
 from kvframe_dist.node import register
 from kvframe_dist.proto import wire_dtype
-from kvframe_dist.shm import HEADER, MIN_BYTES, Segment, shm_dir
-from kvframe_dist.transport import BadMessage, ZmqTransport
+from kvframe_dist.shm import BATCH_MIN, HEADER, MIN_BYTES, Segment, align8, shm_dir
+from kvframe_dist.transport import BadMessage, Part, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.server")
 
@@ -54,6 +54,16 @@ class Deferred:
     cpull: bool = False
 
 
+class BatchAck:
+    """A worker's push of many small shards through one shared-memory file: the file may be
+    written again once every one of those shards' rounds used it."""
+
+    __slots__ = ("ident", "name", "left")
+
+    def __init__(self, ident: bytes, name: str, left: int):
+        self.ident, self.name, self.left = ident, name, left
+
+
 @dataclass
 class ShardState:
     key: Any  # the user's key (int or str), given to the optimizer
@@ -68,6 +78,8 @@ class ShardState:
     flat: np.ndarray | None = None  # data.reshape(-1)
     acks: list = field(default_factory=list)  # pushes from shared memory waiting for this round
     mirrors: dict = field(default_factory=dict)  # compressed pulls: worker -> the value that worker holds
+    bank: Segment | None = None  # small shards of local jobs: the value lives in a shared file of many shards
+    bank_off: int = 0  # its byte offset there (after the header)
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until no zero-copy reply still reads ``data``."""
@@ -135,6 +147,7 @@ class Server:
         self.commands: list = []
         self.shm_dir = shm_dir()
         self.push_segs: dict[str, Segment] = {}
+        self.banks: list[Segment] = []
         self.stats = {"pushes": 0, "pulls": 0, "dropped": 0, "errors": 0}
         self.exit_code: int | None = None
 
@@ -178,6 +191,7 @@ class Server:
             n = len(items) if isinstance(items, list) else 0
             raise RequestError(f"init: {len(frames)} data frames for {n} items")
         new = {}
+        small: list = []  # shards that go to one shared bank file
         for item, frame in zip(items, frames):
             if not isinstance(item, list) or len(item) != 5:
                 raise RequestError(f"init: malformed item {item!r}: expected [key, part, dtype, shape, name]")
@@ -198,10 +212,57 @@ class Server:
                 new[(k, p)] = ShardState(key, data, seg=seg)
             else:
                 new[(k, p)] = ShardState(key, arr.reshape(shape).copy())
+                if self.shm_dir is not None and arr.nbytes:
+                    small.append((k, p))
+        if small:
+            self._bank(new, small)
         for sk, st in new.items():
             st.sk, st.flat = sk, st.data.reshape(-1)
         self.shards.update(new)
         self._reply(ident, {"op": "ok", "id": rid})
+
+    def _bank(self, new: dict, small: list) -> None:
+        """Small shards initialised together share one file (after a header with a sequence counter),
+        in init order: a pull of many of them is answered with the file's name and offsets."""
+        total = sum(align8(new[sk].data.nbytes) for sk in small)
+        if total < BATCH_MIN:
+            return
+        bank = Segment(self.shm_dir, f"s{self.rank}-b{len(self.banks)}", total, create=True, offset=HEADER)
+        self.banks.append(bank)
+        off = 0
+        for sk in small:
+            st = new[sk]
+            data = np.frombuffer(bank.mm, st.data.dtype, st.data.size, HEADER + off).reshape(st.data.shape)
+            data[...] = st.data
+            st.data, st.bank, st.bank_off = data, bank, off
+            off += align8(data.nbytes)
+
+    def _batch_frames(self, ident: bytes, shmb: Any, frames: list) -> tuple[list, str]:
+        """A push whose small shards came through the worker's batch file: ``[name, nbytes...]``."""
+        if self.shm_dir is None or frames or not isinstance(shmb, list) or len(shmb) < 2 \
+                or not isinstance(shmb[0], str) or not all(type(n) is int and n >= 0 for n in shmb[1:]):
+            raise RequestError(f"push: malformed shared-memory batch {str(shmb)[:80]!r}")
+        name = shmb[0]
+        prefix = f"{ident.decode(errors='replace')}-b{self.rank}-g"
+        if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+            raise RequestError(f"push: shared memory {name!r} refused (expected {prefix}N in a local job)")
+        seg = self.push_segs.get(name)
+        if seg is None:
+            for old in [n for n in self.push_segs if n.startswith(prefix)]:  # a worker's older, smaller file
+                self.push_segs.pop(old).close()
+            try:
+                seg = self.push_segs[name] = Segment(self.shm_dir, name, None, create=False)
+            except (OSError, ValueError) as exc:
+                raise RequestError(f"push: cannot map shared memory {name!r}: {exc}") from None
+        mv = memoryview(seg.mm)
+        out = []
+        off = 0
+        for n in shmb[1:]:
+            out.append(Part(mv[off:off + n]))
+            off = align8(off + n)
+        if off > seg.nbytes:
+            raise RequestError(f"push: shared-memory batch {name!r} has {seg.nbytes} bytes, {off} are needed")
+        return out, name
 
     def _decode_push(self, st: ShardState, item: list, frames: list, pos: int, ident: bytes) -> tuple[Any, int]:
         """The pushed value of one item: (value, frames used)."""
@@ -249,6 +310,21 @@ class Server:
         if not sync and self.updater is None:
             raise RequestError("dist_async needs an optimizer on the servers (updates run per push): call "
                                "set_optimizer before pushing")
+        batch = None
+        shmb = h.get("shmb")
+        if shmb is not None:
+            frames, batch = self._batch_frames(ident, shmb, frames)
+            self._committed = False
+            try:
+                return self._push_items(ident, rid, h, items, sync, frames, ack, batch)
+            except Exception:
+                if not self._committed:  # refused before any use: the worker may write its file again
+                    self._reply(ident, {"op": "consumed", "batch": batch})
+                raise
+        return self._push_items(ident, rid, h, items, sync, frames, ack, batch)
+
+    def _push_items(self, ident: bytes, rid: Any, h: dict, items: list, sync: bool, frames: list, ack: bool,
+                    batch: str | None) -> list:
         decoded = []
         pos = 0
         nframes = len(frames)
@@ -272,6 +348,13 @@ class Server:
         if ack and h.get("ack"):
             self._reply(ident, {"op": "ok", "id": rid})
         need = self.num_workers if sync else 1
+        if batch is not None:
+            self._committed = True
+            b = BatchAck(ident, batch, len(decoded))
+            if not decoded:
+                self._reply(ident, {"op": "consumed", "batch": batch})
+            for st, _ in decoded:
+                st.acks.append(b)
         for st, value in decoded:
             st.pending.append(value)
             if sync:
@@ -313,18 +396,25 @@ class Server:
         if st.trackers:
             st.settle()
         values = st.pending
-        if st.seg is not None:
-            st.seg.begin_write()
+        seg = st.seg or st.bank
+        if seg is not None:
+            seg.begin_write()
         try:
             self._apply(st, values)
         finally:
-            if st.seg is not None:
-                st.seg.end_write()
+            if seg is not None:
+                seg.end_write()
         st.pending = []
         st.pushers = []
-        acks, st.acks = st.acks, []
-        for who in acks:
-            self._reply(who, {"op": "consumed", "items": [list(st.sk)]})
+        if st.acks:
+            acks, st.acks = st.acks, []
+            for who in acks:
+                if type(who) is BatchAck:
+                    who.left -= 1
+                    if who.left == 0:
+                        self._reply(who.ident, {"op": "consumed", "batch": who.name})
+                else:
+                    self._reply(who, {"op": "consumed", "items": [list(st.sk)]})
         waiting, st.deferred = st.deferred, []
         for d in waiting:
             d.waiting -= 1
@@ -363,6 +453,17 @@ class Server:
         return f"comp:{payload.dtype.name}", payload
 
     def _send_values(self, ident: bytes, rid: Any, states: list, shm: bool = False, cpull: bool = False) -> None:
+        if shm and not cpull and states and states[0].bank is not None:
+            bank = states[0].bank
+            off = lo = states[0].bank_off
+            for st in states:
+                if st.bank is not bank or st.bank_off != off:
+                    break
+                off += align8(st.data.nbytes)
+            else:  # consecutive shards of one bank: its name and where they are
+                self._reply(ident, {"op": "data", "id": rid, "shmb": [bank.name, lo, off]})
+                self.stats["pulls"] += 1
+                return
         frames = []
         tracked = []
         names = []
@@ -574,6 +675,8 @@ class Server:
                     if st.seg is not None:
                         st.seg.close()
                 for seg in self.push_segs.values():
+                    seg.close()
+                for seg in self.banks:
                     seg.close()
                 self.sock.close(linger=1000)
                 self.sched.close(linger=1000)

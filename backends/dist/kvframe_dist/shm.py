@@ -26,7 +26,12 @@ import numpy as np
 
 HEADER = 4096
 MIN_BYTES = 256 * 1024  # shards smaller than this go over the socket
-_NAME = re.compile(r"[ws]\d+-k-?\d+-p\d+")
+BATCH_MIN = 16 * 1024  # many small shards of one message move through one file from this total size
+_NAME = re.compile(r"[ws]\d+-k-?\d+-p\d+|s\d+-b\d+|w\d+-b\d+-g\d+")
+
+
+def align8(n: int) -> int:
+    return (n + 7) & ~7
 
 
 def shm_dir() -> str | None:
@@ -37,16 +42,22 @@ def shm_dir() -> str | None:
 class Segment:
     """A file in the job's shm directory, mapped; ``array`` views the data after ``offset``."""
 
-    def __init__(self, directory: str, name: str, nbytes: int, create: bool, offset: int = 0):
+    def __init__(self, directory: str, name: str, nbytes: int | None, create: bool, offset: int = 0):
+        """``nbytes=None`` (opening only): the file's own size, at least ``offset``."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"shared-memory name {name!r} is not one kvframe makes")
         self.path = os.path.join(directory, name)
         self.name = name
         self.owner = create
-        total = offset + nbytes
+        total = offset + nbytes if nbytes is not None else None
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
+            if total is None:
+                total = os.fstat(fd).st_size
+                if total <= offset:
+                    raise ValueError(f"shared-memory file {name} has {total} bytes")
+                nbytes = total - offset
             if create:
                 os.ftruncate(fd, total)
             elif os.fstat(fd).st_size != total:
@@ -56,7 +67,7 @@ class Segment:
             os.close(fd)
         self.offset = offset
         self.nbytes = nbytes
-        self.seq = np.frombuffer(self.mm, np.uint64, 1, 0) if offset >= 8 else None
+        self.seq = memoryview(self.mm)[:8].cast("Q") if offset >= 8 else None
 
     def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         count = int(np.prod(shape)) if shape else 1
@@ -67,6 +78,24 @@ class Segment:
 
     def end_write(self) -> None:
         self.seq[0] += 1
+
+    def read_many(self, pairs: list, timeout: float = 30.0) -> None:
+        """Copy each ``(src, views)`` (``src`` on this segment) into its views under one check of the
+        sequence counter, retrying while a writer runs."""
+        deadline = time.monotonic() + timeout
+        seq = self.seq
+        copyto = np.copyto
+        while True:
+            v1 = seq[0]
+            if not v1 & 1:
+                for src, views in pairs:
+                    for v in views:
+                        copyto(v, src)
+                if seq[0] == v1:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"shared-memory values in {self.name} kept changing for {timeout:g} s")
+            time.sleep(0.0005)
 
     def read_into(self, src: np.ndarray, views: list, timeout: float = 30.0) -> None:
         """Copy ``src`` (an array on this segment) into ``views``, retrying while a writer runs."""
@@ -84,6 +113,8 @@ class Segment:
 
     def close(self) -> None:
         try:
+            if self.seq is not None:
+                self.seq.release()
             self.seq = None
             self.mm.close()
         except BufferError:  # a numpy view still alive: the mapping goes with the process

@@ -12,6 +12,7 @@ import atexit
 import itertools
 import json
 import logging
+import re
 import sys
 import time
 import weakref
@@ -31,7 +32,7 @@ from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.env import NodeEnv, node_env, role_from_env
 from kvframe_dist.node import Heartbeat, register
 from kvframe_dist.proto import Shard, dtype_name, pack_states, plan, unpack_states, wire_dtype
-from kvframe_dist.shm import HEADER, MIN_BYTES, Segment, shm_dir
+from kvframe_dist.shm import BATCH_MIN, HEADER, MIN_BYTES, Segment, align8, shm_dir
 from kvframe_dist.transport import BadMessage, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.worker")
@@ -158,6 +159,8 @@ class DistStore(StoreBackend):
         self.shm = shm_dir()
         self._push_segs: dict[tuple[int, int], list] = {}  # (kid, part) -> [Segment, pushes not yet consumed]
         self._server_segs: dict[str, tuple[Segment, np.ndarray]] = {}
+        self._batch_segs: dict[int, list] = {}  # server -> [Segment, its bytes, busy until consumed, generation]
+        self._bank_srcs: dict[tuple, np.ndarray] = {}  # (bank, offset, dtype, count) -> the value's view there
         self._mirrors: dict[tuple[int, int], np.ndarray] = {}  # compressed pulls: this worker's copy per shard
         self.sched = self.transport.dealer(env.scheduler_addr)
         try:
@@ -231,6 +234,11 @@ class DistStore(StoreBackend):
                     log.warning("worker %d dropped a message from server %d: %s", self._rank, server, exc)
                     continue
                 if h["op"] == "consumed":
+                    if "batch" in h:
+                        slot = self._batch_segs.get(server)
+                        if slot is not None and slot[0].name == h["batch"]:
+                            slot[2] = 0
+                        continue
                     for it in h.get("items", []):
                         slot = self._push_segs.get(tuple(it))
                         if slot is not None and slot[1] > 0:
@@ -463,16 +471,55 @@ class DistStore(StoreBackend):
                     frames.append(part)
         return per_server
 
+    def _batch_push(self, per_server: dict[int, tuple[list, list]]) -> dict[int, list]:
+        """Local jobs: a server's many small raw shards of one call go through one shared-memory file
+        of this worker (while the server has not consumed the previous one, over the socket)."""
+        batches: dict[int, list] = {}
+        if self.shm is None or self._compressor is not None:
+            return batches
+        for s, (items, frames) in per_server.items():
+            if len(frames) < 2 or len(frames) != len(items) or not all(len(it) == 3 and it[2] == "raw" for it in items):
+                continue
+            sizes = [f.nbytes for f in frames]
+            total = sum(align8(n) for n in sizes)
+            if total < BATCH_MIN:
+                continue
+            slot = self._batch_segs.get(s)
+            if slot is not None and slot[2]:
+                self._drain(0)
+                if slot[2]:
+                    continue
+            if slot is None or slot[1] < total:
+                gen = 0 if slot is None else slot[3] + 1
+                if slot is not None:
+                    slot[0].close()
+                size = (total + 65535) & ~65535
+                seg = Segment(self.shm, f"w{self._rank}-b{s}-g{gen}", size, create=True)
+                slot = self._batch_segs[s] = [seg, size, 0, gen]
+            mv = memoryview(slot[0].mm)
+            off = 0
+            for f, n in zip(frames, sizes):
+                mv[off:off + n] = memoryview(f).cast("B")
+                off = align8(off + n)
+            del mv
+            slot[2] = 1  # busy until the server says every shard's round used it
+            frames.clear()
+            batches[s] = [slot[0].name, *sizes]
+        return batches
+
     def push(self, keys: list, values: list[list], priority: int = 0) -> None:
         self._check_failure()
         self._raise_late_errors()
         per_server = self._push_items(keys, values)
+        batches = self._batch_push(per_server)
         trackers: list = []
         what = f"push of keys {_keys_text(keys)}"
         for s, (items, frames) in per_server.items():
             rid = next(self._ids)
             self._unconfirmed[rid] = (s, what)
             header = {"op": "push", "items": items, "sync": self.sync, "id": rid}
+            if s in batches:
+                header["shmb"] = batches[s]
             if priority:
                 header["prio"] = int(priority)
             trackers.extend(self.transport.send(self.servers[s], header, frames, track=True))
@@ -494,6 +541,8 @@ class DistStore(StoreBackend):
     def _placer(self, targets: list[tuple[KeyInfo, Shard, list]], server: int = -1):
         """Reply handler writing each item's frame into the flat views of its outputs."""
         def on_data(h: dict, frames: list) -> None:
+            if "shmb" in h:
+                return self._place_bank(server, h["shmb"], targets, frames)
             if "enc" in h:
                 return self._place_compressed(h["enc"], targets, frames)
             if "shm" not in h:  # every value came as a frame
@@ -522,6 +571,39 @@ class DistStore(StoreBackend):
                 for v in views:
                     np.copyto(v[sh.lo:sh.hi], arr)
         return on_data
+
+    def _place_bank(self, server: int, where: Any, targets: list, frames: list) -> None:
+        """A reply naming consecutive shards in one of the server's bank files: ``[name, lo, hi]``."""
+        if frames or not isinstance(where, list) or len(where) != 3 or not isinstance(where[0], str) \
+                or type(where[1]) is not int or type(where[2]) is not int or self.shm is None:
+            raise ValueError(f"malformed shared-memory reply {str(where)[:80]!r}")
+        name, lo, hi = where
+        if not re.fullmatch(rf"s{server}-b\d+", name):
+            raise ValueError(f"shared memory {name!r} refused (expected s{server}-bN)")
+        got = self._server_segs.get(name)
+        if got is None:
+            seg = Segment(self.shm, name, None, create=False, offset=HEADER)
+            got = self._server_segs[name] = (seg, None)
+        seg = got[0]
+        if not 0 <= lo <= hi <= seg.nbytes:
+            raise ValueError(f"shared memory {name!r}: bytes [{lo}, {hi}) outside its {seg.nbytes}")
+        srcs = self._bank_srcs
+        pairs = []
+        off = lo
+        for info, sh, views in targets:
+            n = sh.hi - sh.lo
+            sk = (name, off, info.dtype, n)
+            src = srcs.get(sk)
+            if src is None:
+                if off + n * info.dtype.itemsize > hi:
+                    raise ValueError(f"shared memory {name!r}: bytes [{lo}, {hi}) do not hold the pulled values")
+                src = srcs[sk] = np.frombuffer(seg.mm, info.dtype, n, HEADER + off)
+            pairs.append((src, views if sh.lo == 0 and len(views) == 1 and views[0].size == n
+                          else [v[sh.lo:sh.hi] for v in views]))
+            off += align8(n * info.dtype.itemsize)
+        if off != hi:
+            raise ValueError(f"shared memory {name!r}: bytes [{lo}, {hi}) do not match the pulled values")
+        seg.read_many(pairs, self.timeout)
 
     def _place_compressed(self, encs: Any, targets: list, frames: list) -> None:
         if not isinstance(encs, list) or len(encs) != len(targets) or len(frames) != len(targets):
@@ -577,7 +659,7 @@ class DistStore(StoreBackend):
                 o.set(staging) if hasattr(o, "set") else o.__setitem__(Ellipsis, staging)
 
     def _requests_for(self, op: str, keys: list, outs: list[list], per_server_push: dict | None,
-                      what: str, priority: int = 0) -> tuple[list[Request], list]:
+                      what: str, priority: int = 0, batches: dict | None = None) -> tuple[list[Request], list]:
         views_per_key, after = self._outs_plan(keys, outs)
         targets: dict[int, list] = {}
         items: dict[int, list] = {}
@@ -605,6 +687,8 @@ class DistStore(StoreBackend):
             if per_server_push is not None:
                 pitems, frames = per_server_push.get(s, ([], []))
                 header = {"op": "pushpull", "items": pitems, "sync": self.sync}
+                if batches and s in batches:
+                    header["shmb"] = batches[s]
             else:
                 pitems = None
                 header, frames = {"op": "pull", "items": items[s], "sync": self.sync}, []
@@ -630,9 +714,10 @@ class DistStore(StoreBackend):
             self.push(keys, values, priority)
             return self.pull(keys, outs, priority)
         per_server = self._push_items(keys, values)
+        batches = self._batch_push(per_server)
         what = f"pushpull of keys {_keys_text(keys)}"
         # every server holding a pushed shard also answers with its values
-        reqs, after = self._requests_for("pushpull", keys, outs, per_server, what, priority)
+        reqs, after = self._requests_for("pushpull", keys, outs, per_server, what, priority, batches)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
     def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
@@ -761,8 +846,11 @@ class DistStore(StoreBackend):
                 s.close(linger=0)
             for slot in self._push_segs.values():
                 slot[0].close()
+            self._bank_srcs.clear()
             for seg, _ in self._server_segs.values():
                 seg.close()
+            for slot in self._batch_segs.values():
+                slot[0].close()
             self.sched.close(linger=1000)
             self.reducer.close()
             self.transport.close()
