@@ -148,11 +148,14 @@ class Server:
         self.shm_dir = shm_dir()
         self.push_segs: dict[str, Segment] = {}
         self.banks: list[Segment] = []
+        self.consumed: dict[bytes, list] = {}  # batch files used up, told with the next reply to that worker
         self.stats = {"pushes": 0, "pulls": 0, "dropped": 0, "errors": 0}
         self.exit_code: int | None = None
 
     # replies ---------------------------------------------------------------------------------
     def _reply(self, ident: bytes, header: dict, frames: list = (), track_into: list | None = None) -> None:
+        if self.consumed and ident in self.consumed:
+            header["consumed"] = self.consumed.pop(ident)
         try:
             trackers = self.transport.send(self.sock, header, frames, ident=ident, track=track_into is not None)
         except zmq.ZMQError as exc:
@@ -412,7 +415,7 @@ class Server:
                 if type(who) is BatchAck:
                     who.left -= 1
                     if who.left == 0:
-                        self._reply(who.ident, {"op": "consumed", "batch": who.name})
+                        self.consumed.setdefault(who.ident, []).append(who.name)
                 else:
                     self._reply(who, {"op": "consumed", "items": [list(st.sk)]})
         waiting, st.deferred = st.deferred, []
@@ -666,6 +669,8 @@ class Server:
                             break
                     for ident, h, frames in by_priority(batch):
                         self.handle(ident, h, frames)
+                    for ident in list(self.consumed):  # not told with a reply
+                        self._reply(ident, {"op": "consumed"})
         finally:
             try:
                 if self.exit_code == 0:

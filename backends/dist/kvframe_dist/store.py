@@ -233,12 +233,12 @@ class DistStore(StoreBackend):
                 except BadMessage as exc:
                     log.warning("worker %d dropped a message from server %d: %s", self._rank, server, exc)
                     continue
+                used = h.get("consumed") or h.get("batch")
+                if used:  # this worker's batch file for that server may be written again
+                    slot = self._batch_segs.get(server)
+                    if slot is not None and slot[0].name in (used if isinstance(used, list) else [used]):
+                        slot[2] = 0
                 if h["op"] == "consumed":
-                    if "batch" in h:
-                        slot = self._batch_segs.get(server)
-                        if slot is not None and slot[0].name == h["batch"]:
-                            slot[2] = 0
-                        continue
                     for it in h.get("items", []):
                         slot = self._push_segs.get(tuple(it))
                         if slot is not None and slot[1] > 0:
