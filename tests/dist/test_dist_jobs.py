@@ -107,6 +107,50 @@ def test_async_applies_each_push_and_needs_an_optimizer(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["shm", "sockets"])
+def test_many_small_keys_in_one_call(tmp_path, path):
+    """Local jobs move a call's many small shards through one batch file per worker and server, and
+    servers answer pulls of consecutive small shards with a bank file; the sums are the same."""
+    job = run_job(tmp_path, """
+        keys = list(range(40))
+        kv.init(keys, [np.zeros((8, 64), np.float32)] * 40)          # 2 KiB each, 80 KiB per call
+        kv.init([100, 101], [np.zeros(3, np.float64), np.zeros(5, np.int32)])
+        outs = [np.empty((8, 64), np.float32) for _ in keys]
+        for r in range(4):
+            vals = [np.full((8, 64), k + r + 10.0 * rank, np.float32) for k in keys]
+            kv.push(keys, vals)
+            kv.pull(keys, out=outs)
+            assert all((o == 2 * (k + r) + 10).all() for k, o in zip(keys, outs)), r
+            sub = [keys[7], keys[3]]                                 # not consecutive: values over the socket
+            so = [np.empty((8, 64), np.float32) for _ in sub]
+            kv.pull(sub, out=so)
+            assert all((o == 2 * (k + r) + 10).all() for k, o in zip(sub, so)), r
+            v = [np.full((8, 64), 1.0 + rank, np.float32) for _ in keys]
+            kv.pushpull(keys, v, out=outs)
+            assert all((o == 3).all() for o in outs)
+        kv.barrier()
+        if rank == 0:   # two pushes from one worker make a round; the second finds the batch file busy
+            kv.push(keys, [np.full((8, 64), 1.0, np.float32)] * 40)
+            kv.push(keys, [np.full((8, 64), 2.0, np.float32)] * 40)
+        kv.barrier()
+        kv.pull(keys, out=outs)
+        assert all((o == 3).all() for o in outs)
+        kv.barrier()
+        stats = kv.backend.server_stats()
+        assert all(s["errors"] == 0 and s["dropped"] == 0 for s in stats), stats
+        d = os.environ.get("KVFRAME_SHM_DIR")
+        print("SHM", sorted(os.listdir(d)) if d else None)
+        kv.barrier()
+        print("DONE")
+    """, launcher_args=() if path == "shm" else ("--no-shm",))
+    assert_ok(job)
+    shm = job.lines("worker 0")[0]
+    if path == "shm":   # each worker's batch file per server, each server's bank of the 40 keys
+        assert shm == "SHM ['s0-b0', 's1-b0', 'w0-b0-g0', 'w0-b1-g0', 'w1-b0-g0', 'w1-b1-g0']", job.out
+    else:
+        assert shm == "SHM None", job.out
+
+
+@pytest.mark.parametrize("path", ["shm", "sockets"])
 def test_big_array_is_split_evenly_over_servers(tmp_path, path):
     job = run_job(tmp_path, """
         n = 1_500_001
