@@ -127,6 +127,13 @@ def test_many_small_keys_in_one_call(tmp_path, path):
             v = [np.full((8, 64), 1.0 + rank, np.float32) for _ in keys]
             kv.pushpull(keys, v, out=outs)
             assert all((o == 3).all() for o in outs)
+            mixed = [101, *keys, 100]                                 # other dtypes, 20 bytes (padded in the file)
+            mv = [np.full(5, r + rank, np.int32), *vals, np.full(3, 0.5 * rank, np.float64)]
+            mo = [np.empty(5, np.int32), *outs, np.empty(3, np.float64)]
+            kv.push(mixed, mv)
+            kv.pull(mixed, out=mo)
+            assert (mo[0] == 2 * r + 1).all() and (mo[-1] == 0.5).all(), mo
+            assert all((o == 2 * (k + r) + 10).all() for k, o in zip(keys, mo[1:-1])), r
         kv.barrier()
         if rank == 0:   # two pushes from one worker make a round; the second finds the batch file busy
             kv.push(keys, [np.full((8, 64), 1.0, np.float32)] * 40)

@@ -34,7 +34,7 @@ from kvframe_dist.env import NodeEnv, node_env
 from kvframe_dist.node import register
 from kvframe_dist.proto import wire_dtype
 from kvframe_dist.shm import BATCH_MIN, HEADER, MIN_BYTES, Segment, align8, shm_dir
-from kvframe_dist.transport import BadMessage, Part, ZmqTransport
+from kvframe_dist.transport import BadMessage, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.server")
 
@@ -147,6 +147,7 @@ class Server:
         self.commands: list = []
         self.shm_dir = shm_dir()
         self.push_segs: dict[str, Segment] = {}
+        self.typed_views: dict[str, tuple] = {}  # batch file -> (Segment, {dtype: the file as that dtype})
         self.banks: list[Segment] = []
         self.consumed: dict[bytes, list] = {}  # batch files used up, told with the next reply to that worker
         self.stats = {"pushes": 0, "pulls": 0, "dropped": 0, "errors": 0}
@@ -240,7 +241,7 @@ class Server:
             st.data, st.bank, st.bank_off = data, bank, off
             off += align8(data.nbytes)
 
-    def _batch_frames(self, ident: bytes, shmb: Any, frames: list) -> tuple[list, str]:
+    def _batch_frames(self, ident: bytes, shmb: Any, frames: list) -> tuple[list, tuple]:
         """A push whose small shards came through the worker's batch file: ``[name, nbytes...]``."""
         if self.shm_dir is None or frames or not isinstance(shmb, list) or len(shmb) < 2 \
                 or not isinstance(shmb[0], str) or not all(type(n) is int and n >= 0 for n in shmb[1:]):
@@ -252,20 +253,30 @@ class Server:
         seg = self.push_segs.get(name)
         if seg is None:
             for old in [n for n in self.push_segs if n.startswith(prefix)]:  # a worker's older, smaller file
+                self.typed_views.pop(old, None)
                 self.push_segs.pop(old).close()
             try:
                 seg = self.push_segs[name] = Segment(self.shm_dir, name, None, create=False)
             except (OSError, ValueError) as exc:
                 raise RequestError(f"push: cannot map shared memory {name!r}: {exc}") from None
-        mv = memoryview(seg.mm)
         out = []
         off = 0
         for n in shmb[1:]:
-            out.append(Part(mv[off:off + n]))
+            out.append((off, n))
             off = align8(off + n)
         if off > seg.nbytes:
             raise RequestError(f"push: shared-memory batch {name!r} has {seg.nbytes} bytes, {off} are needed")
-        return out, name
+        return out, (name, seg)
+
+    def _typed(self, seg: Segment, dtype: np.dtype) -> np.ndarray:
+        """The whole file as ``dtype`` values (items start at multiples of 8 bytes)."""
+        views = self.typed_views.get(seg.name)
+        if views is None or views[0] is not seg:
+            views = self.typed_views[seg.name] = (seg, {})
+        arr = views[1].get(dtype)
+        if arr is None:
+            arr = views[1][dtype] = np.frombuffer(seg.mm, dtype, seg.nbytes // dtype.itemsize)
+        return arr
 
     def _decode_push(self, st: ShardState, item: list, frames: list, pos: int, ident: bytes) -> tuple[Any, int]:
         """The pushed value of one item: (value, frames used)."""
@@ -316,10 +327,10 @@ class Server:
         batch = None
         shmb = h.get("shmb")
         if shmb is not None:
-            frames, batch = self._batch_frames(ident, shmb, frames)
+            frames, (batch, seg) = self._batch_frames(ident, shmb, frames)
             self._committed = False
             try:
-                return self._push_items(ident, rid, h, items, sync, frames, ack, batch)
+                return self._push_items(ident, rid, h, items, sync, frames, ack, batch, seg)
             except Exception:
                 if not self._committed:  # refused before any use: the worker may write its file again
                     self._reply(ident, {"op": "consumed", "batch": batch})
@@ -327,14 +338,23 @@ class Server:
         return self._push_items(ident, rid, h, items, sync, frames, ack, batch)
 
     def _push_items(self, ident: bytes, rid: Any, h: dict, items: list, sync: bool, frames: list, ack: bool,
-                    batch: str | None) -> list:
+                    batch: str | None, seg: Segment | None = None) -> list:
         decoded = []
         pos = 0
         nframes = len(frames)
         for item in items:  # check everything before changing anything
             _, st = self._shard(item)
             if len(item) == 3 and item[2] == "raw" and pos < nframes:  # the common case, inline
-                value = np.frombuffer(frames[pos].buffer, dtype=st.data.dtype)
+                if seg is not None:  # (offset, bytes) in the worker's batch file
+                    off, n = frames[pos]
+                    dt = st.data.dtype
+                    if n % dt.itemsize:
+                        raise RequestError(f"push of key {st.key!r} part {item[1]}: {n} bytes is not a whole "
+                                           f"number of {dt.name} values")
+                    lo = off // dt.itemsize
+                    value = self._typed(seg, dt)[lo:lo + n // dt.itemsize]
+                else:
+                    value = np.frombuffer(frames[pos].buffer, dtype=st.data.dtype)
                 if value.size != st.data.size:
                     raise RequestError(f"push of key {st.key!r} part {item[1]}: got {value.size} "
                                        f"{st.data.dtype.name} values, expected {st.data.size}")
@@ -679,6 +699,7 @@ class Server:
                 for st in self.shards.values():
                     if st.seg is not None:
                         st.seg.close()
+                self.typed_views.clear()
                 for seg in self.push_segs.values():
                     seg.close()
                 for seg in self.banks:
