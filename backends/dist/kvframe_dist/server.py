@@ -613,6 +613,11 @@ class Server:
     def handle(self, ident: bytes, h: dict, frames: list) -> None:
         op, rid = h["op"], h.get("id")
         try:
+            if "items" not in h and ("rk" in h or "pk" in h):  # whole keys: [key, 0, "raw"] or [key, 0]
+                keys = h.get("rk", h.get("pk"))
+                if not isinstance(keys, list) or not all(type(k) is int for k in keys):
+                    raise RequestError(f"malformed key list {str(keys)[:80]!r}")
+                h["items"] = [[k, 0, "raw"] for k in keys] if "rk" in h else [[k, 0] for k in keys]
             if op == "push":
                 self._push(ident, rid, h, frames)
             elif op == "pull":

@@ -75,6 +75,21 @@ class KeyInfo:
     pull_items: list | None = None  # [[kid, part] for each shard]
 
 
+def _items(header: dict, items: list, form: list) -> dict:
+    """Items all of the form ``[key, *form]`` (whole keys) travel as a list of keys: ``rk`` for
+    ``[key, 0, "raw"]``, ``pk`` for ``[key, 0]`` (shorter JSON on both sides)."""
+    n = len(form) + 1
+    if len(items) > 4 and all(len(it) == n and it[1:] == form for it in items):
+        header["rk" if n == 3 else "pk"] = [it[0] for it in items]
+    else:
+        header["items"] = items
+    return header
+
+
+_RAW = [0, "raw"]
+_WHOLE = [0]
+
+
 def _keys_text(keys: list) -> str:
     """Keys for a message, short for long lists."""
     if len(keys) <= 6:
@@ -521,7 +536,7 @@ class DistStore(StoreBackend):
         for s, (items, frames) in per_server.items():
             rid = next(self._ids)
             self._unconfirmed[rid] = (s, what)
-            header = {"op": "push", "items": items, "sync": self.sync, "id": rid}
+            header = _items({"op": "push", "sync": self.sync, "id": rid}, items, _RAW)
             if s in batches:
                 header["shmb"] = batches[s]
             if priority:
@@ -690,12 +705,12 @@ class DistStore(StoreBackend):
         for s in targets:
             if per_server_push is not None:
                 pitems, frames = per_server_push.get(s, ([], []))
-                header = {"op": "pushpull", "items": pitems, "sync": self.sync}
+                header = _items({"op": "pushpull", "sync": self.sync}, pitems, _RAW)
                 if batches and s in batches:
                     header["shmb"] = batches[s]
             else:
                 pitems = None
-                header, frames = {"op": "pull", "items": items[s], "sync": self.sync}, []
+                header, frames = _items({"op": "pull", "sync": self.sync}, items[s], _WHOLE), []
             if priority:
                 header["prio"] = int(priority)
             if self.config.compress_pulls and self._compressor is not None:
