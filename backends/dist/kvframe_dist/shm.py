@@ -9,6 +9,10 @@ and passes it to every process.  Large shards then skip the socket copies:
 * a server keeps large shards in files ``s{rank}-k{key}-p{part}`` behind a 4 KiB header whose
   first word is a sequence counter (odd while an update runs); in sync mode a pull reply names
   the file and the worker copies the value out, retrying while the counter moves.
+* many small shards of one call (``BATCH_MIN`` bytes together) go the same ways in bulk: a
+  worker's batch file ``w{rank}-b{server}-g{n}`` holds a call's raw shards for that server (8-byte
+  aligned, in item order), and a server's bank file ``s{rank}-b{n}`` holds the small shards of one
+  init call behind the same header; a reply names the bank and the byte range of the values.
 
 Only names of exactly these forms are ever opened, only inside the job's directory, and only with
 the size the key's shape and dtype give.  Everything else (headers, small arrays, other hosts)
