@@ -23,7 +23,10 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -120,3 +123,15 @@ def node_env(role: str | None = None) -> NodeEnv:
         bigarray_bound=_int(("KVFRAME_BIGARRAY_BOUND", "MXNET_KVSTORE_BIGARRAY_BOUND"), 1_000_000),
         ipc=(_get(("KVFRAME_IPC", "DMLC_LOCAL"), "0") or "0") not in ("0", "false", "no"),
     )
+
+
+def run_role(role: str, start: Callable[[NodeEnv], int]) -> int:
+    """The entry point of a scheduler or server process: logging, the role's variables, then ``start``.
+    Missing or malformed variables exit with code 2 and a message naming them."""
+    logging.basicConfig(level=logging.INFO, format=f"kvframe {role}: %(message)s", stream=sys.stderr)
+    try:
+        env = node_env(role)
+    except ValueError as exc:
+        logging.getLogger(f"kvframe_dist.{role}").error("%s", exc)
+        return 2
+    return start(env)

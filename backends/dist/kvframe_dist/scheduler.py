@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from kvframe_dist.env import NodeEnv, node_env
+from kvframe_dist.env import NodeEnv, run_role
 from kvframe_dist.transport import BadMessage, ZmqTransport
 
 log = logging.getLogger("kvframe_dist.scheduler")
@@ -253,13 +253,7 @@ class Scheduler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="kvframe scheduler: %(message)s", stream=sys.stderr)
-    try:
-        env = node_env("scheduler")
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    return Scheduler(env).run()
+    return run_role("scheduler", lambda env: Scheduler(env).run())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import zmq
 from kvframe_local.reduce import Reducer
 
 from kvframe.arrays import RowSparseArray
-from kvframe_dist.env import NodeEnv, node_env
+from kvframe_dist.env import NodeEnv, run_role
 from kvframe_dist.node import register
 from kvframe_dist.proto import wire_dtype
 from kvframe_dist.shm import BATCH_MIN, HEADER, MIN_BYTES, Segment, align8, shm_dir
@@ -730,14 +730,11 @@ class Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="kvframe server: %(message)s", stream=sys.stderr)
-    load_extra_plugins()
-    try:
-        env = node_env("server")
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    return Server(env).run()
+    def serve(env: NodeEnv) -> int:
+        load_extra_plugins()
+        return Server(env).run()
+
+    return run_role("server", serve)
 
 
 if __name__ == "__main__":
