@@ -37,7 +37,12 @@ class OptimizerConfig(PluginConfig):
 
 
 class TransportConfig(PluginConfig):
-    """Options of a network transport."""
+    """Options of a network transport (every transport honours these)."""
+
+    max_message_bytes: int = pydantic.Field(
+        1 << 34, ge=1 << 16, description="a message larger than this is refused before any of it is buffered")
+    connect_timeout: float = pydantic.Field(
+        30.0, gt=0, description="seconds to keep trying to reach a peer that does not answer yet")
 
 
 def error_message(e: Mapping[str, Any]) -> str:

@@ -52,3 +52,8 @@ class KVTimeoutError(KVFrameError, TimeoutError):
 
 class RemoteError(KVFrameError, RuntimeError):
     """A server, scheduler or peer replied with an error or stopped answering."""
+
+
+class TransportError(KVFrameError, ConnectionError):
+    """A peer cannot be reached, a connection broke, or a message broke a transport's limits; the
+    message names the peer's address."""

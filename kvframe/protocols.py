@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -42,3 +42,45 @@ class Compressor(Protocol):
     def encode(self, grad: Any, residual: Any) -> Any: ...
 
     def decode(self, payload: Any, out: Any, accumulate: bool = False) -> Any: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Moves messages between the processes of a distributed job; knows nothing of their meaning.
+
+    One instance is one endpoint of one process. It may ``listen`` (servers, the scheduler) and
+    ``connect`` to endpoints that listen (workers, servers); every message that reaches it, from
+    any peer, comes out of ``recv``, in order per peer. A message is a list of frames (bytes-like);
+    frame boundaries are kept. Frames of any size travel as raw bytes: nothing is pickled.
+
+    Peers are opaque hashable handles: ``connect`` returns one, ``recv`` returns the handle of the
+    sender (for a peer this endpoint connected to, the very handle ``connect`` returned), and
+    ``send`` takes either. One thread uses an instance at a time; ``close`` may come from any.
+    Every message larger than ``config.max_message_bytes`` is refused before it is buffered.
+    """
+
+    config: Any  # a kvframe.config.TransportConfig
+
+    def listen(self, host: str, port: int = 0) -> str:
+        """Accept connections on ``host:port`` (port 0: a free one). Returns the address peers
+        pass to ``connect`` (``scheme://host:port``)."""
+        ...
+
+    def connect(self, address: str) -> Hashable:
+        """A handle for sending to the endpoint listening at ``address`` (which ``listen`` returned).
+        May connect lazily; raises ``TransportError`` for an address this transport cannot use."""
+        ...
+
+    def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
+        """Send one message. Returns once the frames' memory may be reused by the caller. Raises
+        ``TransportError`` when the peer is gone."""
+        ...
+
+    def recv(self, timeout: float) -> tuple[Hashable, list[memoryview]] | None:
+        """The next message from any peer as ``(peer, frames)``, or None after ``timeout`` seconds.
+        Frames stay valid until the caller drops them."""
+        ...
+
+    def close(self) -> None:
+        """Close every connection and release every resource; idempotent."""
+        ...
