@@ -1,19 +1,13 @@
-"""kvframe plugin: distributed stores 'dist_sync', 'dist_device_sync', 'dist_async' and transport 'zmq'.
+"""kvframe plugin: distributed stores 'dist_sync', 'dist_device_sync' and 'dist_async'.
 
 Roles: ``python -m kvframe_dist --role scheduler|server`` (or ``python -m kvframe_dist.server``,
 ``python -m kvframe_dist.scheduler``); jobs start with ``kvframe-launch -n W -s S -- CMD...``.
+The layers, one job per module, are described in backends/dist/README.md.
 """
 
 from kvframe import hookimpl
-from kvframe_dist.store import (
-    DistAsyncConfig,
-    DistAsyncStore,
-    DistDeviceSyncConfig,
-    DistDeviceSyncStore,
-    DistSyncConfig,
-    DistSyncStore,
-)
-from kvframe_dist.transport import ZmqConfig, ZmqTransport, make_transport
+from kvframe_dist.configs import DistAsyncConfig, DistDeviceSyncConfig, DistSyncConfig
+from kvframe_dist.worker import DistAsyncStore, DistDeviceSyncStore, DistSyncStore
 
 
 @hookimpl
@@ -23,9 +17,4 @@ def kvframe_register_stores(register):
     register("dist_async", DistAsyncStore, DistAsyncConfig)
 
 
-@hookimpl
-def kvframe_register_transports(register):
-    register("zmq", make_transport, ZmqConfig)
-
-
-__all__ = ["DistSyncStore", "DistDeviceSyncStore", "DistAsyncStore", "ZmqTransport", "ZmqConfig"]
+__all__ = ["DistSyncStore", "DistDeviceSyncStore", "DistAsyncStore"]

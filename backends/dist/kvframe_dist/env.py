@@ -11,7 +11,9 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_NUM_SERVERS | DMLC_NUM_SERVER | number of servers |
 | KVFRAME_NUM_WORKERS | DMLC_NUM_WORKER | number of workers |
 | KVFRAME_RANK | | the rank this node asks for (the launcher sets it; else arrival order) |
-| KVFRAME_NODE_HOST | DMLC_NODE_HOST | the address a server binds and announces |
+| KVFRAME_INTERFACE | DMLC_INTERFACE | the network interface whose address a server announces |
+| KVFRAME_NODE_HOST | DMLC_NODE_HOST | the address a server binds and announces (wins over the interface) |
+| KVFRAME_TRANSPORT | | the job's transport plugin (default tcp; else ``[store] transport`` of KVFRAME_CONFIG) |
 | KVFRAME_PORT | PORT | a server's port (default: any free one) |
 | KVFRAME_SECRET | | shared secret: every message carries an HMAC-SHA256 of its frames |
 | KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_TRANSPORT = "tcp"
 
 
 def _get(names: tuple[str, ...], default: str | None = None) -> str | None:
@@ -69,7 +72,9 @@ class NodeEnv:
     num_servers: int
     num_workers: int
     rank: int | None
-    node_host: str
+    node_host: str | None  # None: found from the interface or the route to the scheduler
+    interface: str | None
+    transport: str
     port: int
     secret: bytes | None
     heartbeat_interval: float
@@ -86,6 +91,18 @@ class NodeEnv:
     @property
     def loopback(self) -> bool:
         return self.root_uri in LOOPBACK
+
+
+def job_transport() -> str:
+    """The job's transport: KVFRAME_TRANSPORT, else ``[store] transport`` of the KVFRAME_CONFIG file,
+    else the default. Every node of a job must use the same one."""
+    name = _get(("KVFRAME_TRANSPORT",))
+    if name is None and _get(("KVFRAME_CONFIG",)):
+        from kvframe.configfile import read_file
+
+        store = read_file(str(_get(("KVFRAME_CONFIG",)))).get("store")
+        name = store.get("transport") if isinstance(store, dict) else None
+    return str(name or DEFAULT_TRANSPORT)
 
 
 def role_from_env() -> str:
@@ -108,13 +125,14 @@ def node_env(role: str | None = None) -> NodeEnv:
     if ns < 1 or nw < 1:
         raise ValueError(f"need at least one server and one worker; got DMLC_NUM_SERVER={ns}, DMLC_NUM_WORKER={nw}")
     root = _get(("KVFRAME_ROOT_URI", "DMLC_PS_ROOT_URI"), "127.0.0.1")
-    default_host = "127.0.0.1" if root in LOOPBACK else "0.0.0.0"
     secret = _get(("KVFRAME_SECRET",))
     return NodeEnv(
         role=role, root_uri=root, root_port=port, num_servers=ns, num_workers=nw,
         rank=_int(("KVFRAME_RANK",), None) if not os.environ.get("KVFRAME_RANK_FROM_MPI")
         else _int(("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"), None),
-        node_host=_get(("KVFRAME_NODE_HOST", "DMLC_NODE_HOST"), default_host),
+        node_host=_get(("KVFRAME_NODE_HOST", "DMLC_NODE_HOST")),
+        interface=_get(("KVFRAME_INTERFACE", "DMLC_INTERFACE")),
+        transport=job_transport(),
         port=_int(("KVFRAME_PORT", "PORT"), 0),
         secret=secret.encode() if secret else None,
         heartbeat_interval=_float(("KVFRAME_HEARTBEAT_INTERVAL",), 1.0),

@@ -6,26 +6,37 @@
     kvframe-launch -n 2 --dry-run -- python train.py         # print the command lines only
 
 Every process gets MXNet's variables (DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT,
-DMLC_NUM_SERVER, DMLC_NUM_WORKER) and kvframe's (KVFRAME_ROLE, KVFRAME_RANK, ...);
-``--config FILE`` adds KVFRAME_CONFIG=FILE.  Output is forwarded line by line with a role
-prefix (``[worker 0] ...``).  The launcher exits with the first failing process's code (128+N
-for a process killed by signal N): after a failure it gives the others ``--grace`` seconds to
-report their own errors, then stops them.
+DMLC_NUM_SERVER, DMLC_NUM_WORKER; DMLC_INTERFACE with ``--interface``) and kvframe's
+(KVFRAME_ROLE, KVFRAME_RANK, ...); ``--config FILE`` adds KVFRAME_CONFIG=FILE.  Output is forwarded
+line by line with a role prefix (``[worker 0] ...``).  The launcher exits with the first failing
+process's code (128+N for a process killed by signal N): after a failure it gives the others
+``--grace`` seconds to report their own errors, then stops them.
 
 * local: every process is a subprocess of the launcher, the scheduler and servers bound to
   127.0.0.1 (``--ipc`` puts the servers on unix sockets instead).
-* ssh: the scheduler runs here (on ``--host-ip``); servers and workers go round-robin over the
-  hosts of the hostfile (one host per line, ``#`` comments, ``host slots=N`` accepted), each
-  started as ``ssh HOST 'cd CWD && env VARS... COMMAND'``.
-* mpi: the scheduler runs here; ``mpirun -np S --hostfile H -x VAR ... python -m kvframe_dist
-  --role server`` and ``mpirun -np W ... COMMAND`` start the rest; worker ranks come from the
-  MPI rank (OMPI_COMM_WORLD_RANK, PMI_RANK or PMIX_RANK).
+* ssh: the scheduler runs here, on ``--host-ip`` (default: this host's address on the route to
+  the first non-loopback host of the hostfile, or that of ``--interface``); servers and workers go
+  round-robin over the hosts of the hostfile (one per line: ``host``, ``user@host``, ``host:port``
+  or ``[v6addr]:port``; ``#`` comments; ``host slots=N`` repeats a host), each started as
+  ``ssh [OPTIONS] HOST 'cd CWD && env VARS... COMMAND ...'`` in the same directory as here.  The
+  ssh command is ``$KVFRAME_SSH`` (default ``ssh``) plus ``-o OPT`` for each ``--ssh-option OPT``
+  (default options: StrictHostKeyChecking=no, BatchMode=yes unless given).  Besides the job's
+  variables, the launcher's own DMLC_*, KVFRAME_* and MXNET_* variables and OMP_NUM_THREADS are
+  passed on (not KVFRAME_SECRET, which would show on command lines: set it on the hosts).  The
+  remote side watches its ssh connection: when the launcher or its ssh goes away, the remote
+  process group gets SIGTERM (SIGKILL 3 s later), so nothing outlives the job.
+* mpi (Open MPI): the scheduler runs here as for ssh; ``mpirun -np S --hostfile H -x VAR ...
+  python -m kvframe_dist --role server`` and ``mpirun -np W ... COMMAND`` start the rest; worker
+  ranks come from the MPI rank (OMPI_COMM_WORLD_RANK, PMI_RANK or PMIX_RANK).  ``$KVFRAME_SSH``
+  and ``--ssh-option`` become mpirun's ``plm_rsh_agent`` and ``plm_rsh_args``; the launcher's
+  variables above go by name (``-x NAME``, KVFRAME_SECRET included: mpirun carries values itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -38,10 +49,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Proc:
-    name: str  # "scheduler", "server 1", "worker 0"
+    name: str  # "scheduler", "server 1", "worker 0", "servers" (one mpirun)
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # what this process adds to the environment
     popen: subprocess.Popen | None = None
+    watch_stdin: bool = False  # ssh: stdin is a pipe held open; its EOF tells the remote side to stop
+    mpi_role: str | None = None  # mpirun with --tag-output: lines are re-prefixed per rank
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,6 +81,36 @@ def read_hostfile(path: str) -> list[str]:
     return hosts
 
 
+def split_host(spec: str) -> tuple[str, str, int | None]:
+    """A hostfile entry as ``(ssh destination, bare host, ssh port or None)``: ``user@host``,
+    ``host:port`` (as MXNet's ssh launcher), ``[v6addr]:port``; a bare IPv6 address has no port."""
+    user, sep, rest = spec.rpartition("@")
+    port = None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail.startswith(":") and tail[1:].isdigit():
+            port = int(tail[1:])
+    elif rest.count(":") == 1 and rest.split(":")[1].isdigit():
+        host, port = rest.split(":")[0], int(rest.split(":")[1])
+    else:
+        host = rest
+    return (f"{user}@{host}" if sep else host), host, port
+
+
+def default_host_ip(hosts: list[str], interface: str | None) -> str:
+    """The scheduler's address that the hosts can reach: the interface's, else the local end of the
+    route to the first non-loopback host; 127.0.0.1 only when every host is loopback."""
+    from kvframe_dist.address import advertise_host, is_loopback
+
+    bare = [split_host(h)[1] for h in hosts]
+    target = next((h for h in bare if not is_loopback(h)), bare[0])
+    try:
+        return advertise_host(target, 22, interface)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"kvframe-launch: cannot tell the scheduler's address for host {target}: {exc}; "
+                         "give --host-ip") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvframe-launch", description="Start a kvframe distributed job: scheduler, "
                                 "servers and workers.", epilog=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -78,7 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="a kvframe config file, passed to every process as KVFRAME_CONFIG")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra variable for every process")
     p.add_argument("--port", type=int, default=0, help="the scheduler's port (default: a free one)")
-    p.add_argument("--host-ip", help="the scheduler's address for ssh/mpi (default: this host's address)")
+    p.add_argument("--host-ip", help="ssh/mpi: the scheduler's address, reachable from every host (default: the "
+                   "address of --interface, else this host's address on the route to the first remote host)")
+    p.add_argument("--interface", help="network interface the nodes announce (DMLC_INTERFACE for every process)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                   help="ssh/mpi: add `-o OPT` to ssh (repeatable), e.g. --ssh-option IdentityFile=~/.ssh/job")
     p.add_argument("--ipc", action="store_true", help="local: servers listen on unix sockets")
     p.add_argument("--no-shm", action="store_true",
                    help="local: large arrays go over the sockets too (default: through a private /dev/shm directory)")
@@ -101,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for kv in args.env:
         if "=" not in kv:
             p.error(f"--env takes K=V; got {kv!r}")
+    for opt in args.ssh_option:
+        if "=" not in opt and " " not in opt:
+            p.error(f"--ssh-option takes an ssh_config option as KEY=VALUE; got {opt!r}")
     return args
 
 
@@ -111,6 +161,8 @@ def common_env(args: argparse.Namespace, root: str, port: int) -> dict[str, str]
         "KVFRAME_ROOT_URI": root, "KVFRAME_ROOT_PORT": str(port),
         "KVFRAME_NUM_SERVERS": str(args.num_servers), "KVFRAME_NUM_WORKERS": str(args.num_workers),
     }
+    if args.interface:
+        env["DMLC_INTERFACE"] = args.interface
     if args.config:
         env["KVFRAME_CONFIG"] = os.path.abspath(args.config)
     if args.ipc:
@@ -119,6 +171,19 @@ def common_env(args: argparse.Namespace, root: str, port: int) -> dict[str, str]
         k, v = kv.split("=", 1)
         env[k] = v
     return env
+
+
+# what a remote process inherits from the launcher's environment (a local one inherits everything)
+_PASS_PREFIXES = ("DMLC_", "KVFRAME_", "MXNET_")
+_PASS_NAMES = ("OMP_NUM_THREADS",)
+# per-host or local-only settings: passing the launcher's value on would be wrong on other hosts
+_NOT_PASSED = ("KVFRAME_NODE_HOST", "DMLC_NODE_HOST", "KVFRAME_SHM_DIR", "KVFRAME_IPC", "DMLC_LOCAL", "KVFRAME_SSH")
+
+
+def passed_names(environ: dict[str, str] | None = None, secret: bool = False) -> list[str]:
+    environ = os.environ if environ is None else environ
+    return sorted(k for k in environ if (k.startswith(_PASS_PREFIXES) or k in _PASS_NAMES)
+                  and k not in _NOT_PASSED and (secret or k != "KVFRAME_SECRET"))
 
 
 def _role_env(role: str, rank: int | None = None) -> dict[str, str]:
@@ -132,11 +197,52 @@ def _role_cmd(args: argparse.Namespace, role: str) -> list[str]:
     return [args.python, "-m", "kvframe_dist", "--role", role]
 
 
+def ssh_options(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``(ssh command, -o options)``: $KVFRAME_SSH (default ``ssh``); then --ssh-option's, then the
+    defaults the user did not set (ssh keeps the first value it reads for an option)."""
+    base = shlex.split(os.environ.get("KVFRAME_SSH") or "ssh")
+    opts: list[str] = []
+    for o in args.ssh_option:
+        opts += ["-o", o]
+    toks, given = base + opts, set()
+    for i, tok in enumerate(toks):
+        if tok == "-o" and i + 1 < len(toks):
+            val = toks[i + 1]
+        elif tok.startswith("-o"):
+            val = tok[2:]
+        else:
+            continue
+        given.add(re.split(r"[\s=]", val.strip(), maxsplit=1)[0].lower())
+    for key, value in (("StrictHostKeyChecking", "no"), ("BatchMode", "yes")):
+        if key.lower() not in given:
+            opts += ["-o", f"{key}={value}"]
+    return base, opts
+
+
+def remote_command(cwd: str, env: dict[str, str], cmd: list[str]) -> str:
+    """The shell command ssh runs on a host (a POSIX shell): ``cmd`` with ``env`` in ``cwd``, and a
+    watcher on the ssh session's stdin, a pipe the launcher holds open and never writes.  Its EOF
+    means the launcher or its ssh is gone: the session's process group (sshd made it, with setsid)
+    gets SIGTERM, then SIGKILL.  The command's exit status is ssh's."""
+    envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    # the command runs in the background (stdin /dev/null, as POSIX gives an async list); fd 3 keeps
+    # the session's stdin for the watcher, which ignores the TERM it sends to its own group
+    return (f"cd {shlex.quote(cwd)} && env {envs} {shlex.join(cmd)} & p=$!; exec 3<&0; "
+            "(trap "" TERM; while read -r _ <&3; do :; done; kill -TERM 0; sleep 3; kill -KILL 0) & w=$!; "
+            "wait $p; rc=$?; kill -KILL $w 2>/dev/null; exit $rc")
+
+
 def build(args: argparse.Namespace) -> list[Proc]:
     """The processes to start, with their command lines and variables."""
     local = args.launcher == "local"
-    root = "127.0.0.1" if local else (args.host_ip or socket.gethostbyname(socket.gethostname()))
-    port = args.port or free_port("127.0.0.1" if local else "")
+    hosts = [] if local else read_hostfile(args.hostfile)
+    root = "127.0.0.1" if local else (args.host_ip or default_host_ip(hosts, args.interface))
+    port = args.port
+    if not port:
+        try:
+            port = free_port(root)
+        except OSError:  # --host-ip may be an address of a NAT in front of this host
+            port = free_port("")
     env = common_env(args, root, port)
     procs = [Proc("scheduler", _role_cmd(args, "scheduler"), {**env, **_role_env("scheduler")})]
     if local:
@@ -145,29 +251,37 @@ def build(args: argparse.Namespace) -> list[Proc]:
         procs += [Proc(f"worker {i}", list(args.command), {**env, **_role_env("worker", i)})
                   for i in range(args.num_workers)]
         return procs
-    hosts = read_hostfile(args.hostfile)
+    ssh, opts = ssh_options(args)
     if args.launcher == "ssh":
         cwd = os.getcwd()
+        passed = {k: os.environ[k] for k in passed_names()}
         nodes = [("server", i, _role_cmd(args, "server")) for i in range(args.num_servers)]
         nodes += [("worker", i, list(args.command)) for i in range(args.num_workers)]
         for j, (role, rank, cmd) in enumerate(nodes):
-            host = hosts[j % len(hosts)]
-            penv = {**env, **_role_env(role, rank)}
-            remote = f"cd {shlex.quote(cwd)} && env " + " ".join(
-                f"{k}={shlex.quote(v)}" for k, v in sorted(penv.items())) + " " + shlex.join(cmd)
-            procs.append(Proc(f"{role} {rank}", ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
-                                                 host, remote]))
+            dest, _, sshport = split_host(hosts[j % len(hosts)])
+            penv = {**passed, **env, **_role_env(role, rank), "PYTHONUNBUFFERED": "1"}
+            portopt = ["-p", str(sshport)] if sshport else []
+            procs.append(Proc(f"{role} {rank}", [*ssh, *opts, *portopt, dest, remote_command(cwd, penv, cmd)],
+                              watch_stdin=True))
         return procs
     # mpi: one mpirun per role; ranks come from the MPI rank
+    rsh = ["--mca", "plm_rsh_agent", shlex.join(ssh), "--mca", "plm_rsh_args", " ".join(opts)]
     for role, count, cmd in (("server", args.num_servers, _role_cmd(args, "server")),
                              ("worker", args.num_workers, list(args.command))):
-        penv = {**env, **_role_env(role), "KVFRAME_RANK_FROM_MPI": "1"}
+        penv = {**env, **_role_env(role), "KVFRAME_RANK_FROM_MPI": "1", "PYTHONUNBUFFERED": "1"}
         xs = []
+        for k in passed_names(secret=True):
+            if k not in penv:
+                xs += ["-x", k]  # by name: mpirun sends the value, which stays off command lines
         for k, v in sorted(penv.items()):
             xs += ["-x", f"{k}={v}"]
         procs.append(Proc(f"{role}s", ["mpirun", "--allow-run-as-root", "-np", str(count), "--hostfile",
-                                       os.path.abspath(args.hostfile), *xs, *cmd]))
+                                       os.path.abspath(args.hostfile), "--tag-output", *rsh, *xs, *cmd],
+                          mpi_role=role))
     return procs
+
+
+_MPI_TAG = re.compile(r"\[\d+,(\d+)\]<std(?:out|err)>:(.*)")  # Open MPI's --tag-output: [job,rank]<stdout>:
 
 
 class Launcher:
@@ -182,9 +296,13 @@ class Launcher:
         prefix = f"[{proc.name}] "
         assert proc.popen is not None and proc.popen.stdout is not None
         for raw in iter(proc.popen.stdout.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            m = _MPI_TAG.match(line) if proc.mpi_role else None
             with self.lock:
-                self.out.write(prefix + line + "\n")
+                if m:
+                    self.out.write(f"[{proc.mpi_role} {m.group(1)}] {m.group(2)}\n")
+                else:
+                    self.out.write(prefix + line + "\n")
                 self.out.flush()
 
     def start(self) -> None:
@@ -192,7 +310,8 @@ class Launcher:
             env = {**os.environ, **proc.env, "PYTHONUNBUFFERED": "1"}
             try:
                 proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True)
+                                              stdin=subprocess.PIPE if proc.watch_stdin else subprocess.DEVNULL,
+                                              start_new_session=True)
             except OSError as exc:
                 self._say(f"cannot start {proc.name} ({shlex.join(proc.argv)}): {exc}; stopping the others")
                 self.procs = [p for p in self.procs if p.popen is not None]

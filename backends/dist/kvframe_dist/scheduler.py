@@ -1,6 +1,6 @@
 """The scheduler: rendezvous, rank assignment, barriers and liveness.
 
-Every node registers on the scheduler's ROUTER; once all ``num_servers + num_workers`` have come,
+Every node registers at the scheduler's endpoint; once all ``num_servers + num_workers`` have come,
 each gets a ``welcome`` with its rank and the servers' addresses.  Nodes then send heartbeats;
 a node silent for ``heartbeat_timeout`` seconds is declared stopped and every other node is told
 (role, rank, address), after which the scheduler exits with status 1.  When every worker has
@@ -15,12 +15,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-import zmq
-
+from kvframe.errors import TransportError
+from kvframe_dist.address import is_loopback
+from kvframe_dist.endpoint import Endpoint, make_transport
 from kvframe_dist.env import NodeEnv, run_role
-from kvframe_dist.transport import BadMessage, ZmqTransport
+from kvframe_dist.wire import Message
 
 log = logging.getLogger("kvframe_dist.scheduler")
 
@@ -28,12 +31,12 @@ log = logging.getLogger("kvframe_dist.scheduler")
 @dataclass
 class Node:
     role: str
-    ident: bytes
+    ident: Hashable  # the peer handle of its registration connection
     asked_rank: int | None
     addr: str = ""
     host: str = ""
     rank: int = -1
-    hb_ident: bytes | None = None
+    hb_ident: Hashable | None = None  # a worker's heartbeat endpoint
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
 
@@ -43,26 +46,21 @@ class Node:
 
 
 class Scheduler:
-    def __init__(self, env: NodeEnv, transport: ZmqTransport | None = None):
+    def __init__(self, env: NodeEnv):
         self.env = env
-        self.transport = transport or ZmqTransport(secret=env.secret)
-        host = env.root_uri if env.loopback else "*"
-        if host == "localhost":
-            host = "127.0.0.1"
-        self.sock, self.addr = self.transport.router(f"tcp://{host}:{env.root_port}")
-        self.nodes: dict[bytes, Node] = {}
-        self.by_hb: dict[bytes, Node] = {}
+        self.ep = Endpoint(make_transport(env.transport), env.secret, "scheduler")
+        # the scheduler binds the address it is known by (DMLC_PS_ROOT_URI), never every interface
+        self.addr = self.ep.listen("127.0.0.1" if env.root_uri == "localhost" else env.root_uri, env.root_port)
+        self.nodes: dict[Hashable, Node] = {}
+        self.by_hb: dict[Hashable, Node] = {}
         self.started = False
-        self.barrier_waiting: list[tuple[bytes, object]] = []
+        self.barrier_waiting: list[tuple[Hashable, int]] = []
         self.stopping_since: float | None = None
         self.exit_code: int | None = None
 
     # helpers ---------------------------------------------------------------------------------
-    def _send(self, ident: bytes, header: dict) -> None:
-        try:
-            self.transport.send(self.sock, header, ident=ident)
-        except zmq.ZMQError as exc:  # peer gone: liveness handles it
-            log.debug("send to %r failed: %s", ident, exc)
+    def _send(self, ident: Hashable, op: str, **fields: object) -> None:
+        self.ep.try_send(ident, Message(op, fields))  # a peer gone is found by liveness
 
     def _workers(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == "worker"]
@@ -82,22 +80,41 @@ class Scheduler:
             used.add(n.rank)
 
     # message handling ------------------------------------------------------------------------
-    def _register(self, ident: bytes, h: dict) -> None:
-        role = h.get("role")
+    def _register(self, ident: Hashable, msg: Message) -> None:
+        role = msg["role"]
         if role not in ("worker", "server"):
-            self._send(ident, {"op": "error", "msg": f"cannot register role {role!r}"})
+            self._send(ident, "error", msg=f"cannot register role {role!r}")
             return
         want = self.env.num_workers if role == "worker" else self.env.num_servers
         have = [n for n in self.nodes.values() if n.role == role]
-        if self.started or len(have) >= want:
-            self._send(ident, {"op": "error", "msg": f"the job already has its {want} {role}s (DMLC_NUM_"
-                                                     f"{'WORKER' if role == 'worker' else 'SERVER'}={want})"})
+        if self.started or len(have) >= want or ident in self.nodes:
+            self._send(ident, "error", msg=f"the job already has its {want} {role}s (DMLC_NUM_"
+                                           f"{'WORKER' if role == 'worker' else 'SERVER'}={want})")
             return
-        rank = h.get("rank")
-        self.nodes[ident] = Node(role, ident, rank if isinstance(rank, int) else None,
-                                 addr=str(h.get("addr", "")), host=str(h.get("host", "")))
+        addr = msg["addr"]
+        if role == "server":
+            problem = self._unreachable(addr)
+            if problem:
+                log.error("refused server %s (%s): %s", addr, msg["host"], problem)
+                self._send(ident, "error", msg=problem)
+                return
+        self.nodes[ident] = Node(role, ident, msg.get("rank"), addr=addr, host=msg["host"])
         if len(self._workers()) == self.env.num_workers and len(self._servers()) == self.env.num_servers:
             self._start()
+
+    def _unreachable(self, addr: str) -> str | None:
+        """Why other hosts could not reach a server at ``addr``, or None."""
+        host = urlsplit(addr).hostname or ""
+        if not host:
+            return f"a server must announce an address to connect to; got {addr!r}"
+        if host in ("0.0.0.0", "::"):
+            return (f"the server announced {addr}, which is no address to connect to: set DMLC_NODE_HOST (or "
+                    "DMLC_INTERFACE) on that host")
+        if is_loopback(host) and not self.env.loopback:
+            return (f"the server announced the loopback address {addr}, which the other hosts of this job cannot "
+                    f"reach (the scheduler is at {self.addr}): set DMLC_INTERFACE to the network interface to use "
+                    "(or DMLC_NODE_HOST to the address) on that host")
+        return None
 
     def _start(self) -> None:
         self._assign(self._workers(), self.env.num_workers)
@@ -106,40 +123,40 @@ class Scheduler:
         now = time.monotonic()
         for n in self.nodes.values():
             n.last_seen = now
-            self._send(n.ident, {"op": "welcome", "rank": n.rank, "servers": servers, "pid": os.getpid(),
-                                 "num_workers": self.env.num_workers, "num_servers": self.env.num_servers})
+            self._send(n.ident, "welcome", rank=n.rank, servers=servers, pid=os.getpid(),
+                       num_workers=self.env.num_workers, num_servers=self.env.num_servers)
         self.started = True
         log.info("all %d servers and %d workers registered; servers at %s", self.env.num_servers,
                  self.env.num_workers, servers)
 
-    def _heartbeat(self, ident: bytes, h: dict) -> None:
+    def _heartbeat(self, ident: Hashable, msg: Message) -> None:
         node = self.nodes.get(ident) or self.by_hb.get(ident)
-        if node is None:  # a worker's heartbeat socket introduces itself with role and rank
-            node = next((n for n in self.nodes.values() if n.role == h.get("role") and n.rank == h.get("rank")), None)
+        if node is None:  # a worker's heartbeat endpoint introduces itself with role and rank
+            node = next((n for n in self.nodes.values() if n.role == msg.get("role") and n.rank == msg.get("rank")
+                         and n.hb_ident is None), None)
             if node is None:
                 return
             node.hb_ident = ident
             self.by_hb[ident] = node
-            for w in self._workers():  # workers that closed before this heartbeat socket introduced itself
+            for w in self._workers():  # workers that closed before this heartbeat endpoint introduced itself
                 if w.closed and node.role == "worker":
-                    self._send(ident, {"op": "closed", "rank": w.rank, "name": w.name()})
+                    self._send(ident, "closed", rank=w.rank, name=w.name())
         node.last_seen = time.monotonic()
-        self._send(ident, {"op": "hb"})
+        self._send(ident, "hb")
 
-    def _barrier(self, ident: bytes, h: dict) -> None:
+    def _barrier(self, ident: Hashable, msg: Message) -> None:
         node = self.nodes.get(ident)
         if node is None or node.role != "worker":
-            self._send(ident, {"op": "error", "id": h.get("id"),
-                               "msg": "only registered workers take part in barriers"})
+            self._send(ident, "error", id=msg["id"], msg="only registered workers take part in barriers")
             return
         gone = [n for n in self._workers() if n.closed]
         if gone:
-            self._send(ident, {"op": "error", "id": h.get("id"), "msg": self._gone_msg(gone)})
+            self._send(ident, "error", id=msg["id"], msg=self._gone_msg(gone))
             return
-        self.barrier_waiting.append((ident, h.get("id")))
+        self.barrier_waiting.append((ident, msg["id"]))
         if len(self.barrier_waiting) == self.env.num_workers:
             for who, rid in self.barrier_waiting:
-                self._send(who, {"op": "barrier_done", "id": rid})
+                self._send(who, "barrier_done", id=rid)
             self.barrier_waiting = []
 
     @staticmethod
@@ -148,37 +165,38 @@ class Scheduler:
         return (f"barrier can never complete: {names} already closed its store (finished early); every worker "
                 "must reach the same barriers")
 
-    def _bye(self, ident: bytes, h: dict) -> None:
+    def _bye(self, ident: Hashable, msg: Message) -> None:
         node = self.nodes.get(ident)
         if node is None:
             return
         node.closed = True
-        self._send(ident, {"op": "bye", "id": h.get("id")})
-        if node.role == "worker":
-            log.info("worker %d closed", node.rank)
-            for w in self._workers():  # a sync round waiting for this worker's push can never complete
-                if not w.closed and w.hb_ident is not None:
-                    self._send(w.hb_ident, {"op": "closed", "rank": node.rank, "name": node.name()})
-            if self.barrier_waiting:
-                msg = self._gone_msg([node])
-                for who, rid in self.barrier_waiting:
-                    self._send(who, {"op": "error", "id": rid, "msg": msg})
-                self.barrier_waiting = []
-            if all(w.closed for w in self._workers()):
-                for s in self._servers():
-                    self._send(s.ident, {"op": "stop"})
-                self.stopping_since = time.monotonic()
+        if node.role == "server":
+            return
+        self._send(ident, "bye", id=msg["id"])
+        log.info("worker %d closed", node.rank)
+        for w in self._workers():  # a sync round waiting for this worker's push can never complete
+            if not w.closed and w.hb_ident is not None:
+                self._send(w.hb_ident, "closed", rank=node.rank, name=node.name())
+        if self.barrier_waiting:
+            text = self._gone_msg([node])
+            for who, rid in self.barrier_waiting:
+                self._send(who, "error", id=rid, msg=text)
+            self.barrier_waiting = []
+        if all(w.closed for w in self._workers()):
+            for s in self._servers():
+                self._send(s.ident, "stop")
+            self.stopping_since = time.monotonic()
 
     def _declare_dead(self, node: Node, reason: str) -> None:
-        msg = f"{node.name()} stopped: {reason}"
-        log.error("%s; telling every other node and stopping", msg)
-        notice = {"op": "dead", "role": node.role, "rank": node.rank, "addr": node.addr or node.host, "msg": msg}
+        text = f"{node.name()} stopped: {reason}"
+        log.error("%s; telling every other node and stopping", text)
+        notice = {"role": node.role, "rank": node.rank, "addr": node.addr or node.host, "msg": text}
         for n in self.nodes.values():
             if n is node or n.closed:
                 continue
-            self._send(n.hb_ident or n.ident, notice)
+            self._send(n.hb_ident or n.ident, "dead", **notice)
             if n.hb_ident is not None:
-                self._send(n.ident, notice)
+                self._send(n.ident, "dead", **notice)
         self.exit_code = 1
 
     def _check_liveness(self) -> None:
@@ -192,35 +210,25 @@ class Scheduler:
 
     # main loop -------------------------------------------------------------------------------
     def run(self) -> int:
-        log.info("scheduler listening at %s for %d servers and %d workers", self.addr, self.env.num_servers,
-                 self.env.num_workers)
+        log.info("scheduler listening at %s for %d servers and %d workers (transport %s)", self.addr,
+                 self.env.num_servers, self.env.num_workers, self.env.transport)
         begin = time.monotonic()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
         tick = min(0.25, self.env.heartbeat_interval)
         try:
             while self.exit_code is None:
-                if poller.poll(tick * 1000):
-                    while True:
-                        try:
-                            ident, h, _ = self.transport.recv(self.sock, router=True)
-                        except zmq.Again:
-                            break
-                        except BadMessage as exc:
-                            log.warning("dropped a message: %s", exc)
-                            continue
-                        self._dispatch(ident, h)
-                        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                            break
+                got = self.ep.recv(tick)
+                while got is not None:
+                    self._dispatch(*got)
+                    got = self.ep.recv(0)
                 if not self.started:
                     if time.monotonic() - begin > self.env.connect_timeout:
                         nw, ns = len(self._workers()), len(self._servers())
-                        msg = (f"only {nw} of {self.env.num_workers} workers and {ns} of {self.env.num_servers} "
-                               f"servers registered at the scheduler {self.addr} within KVFRAME_CONNECT_TIMEOUT="
-                               f"{self.env.connect_timeout:g} s")
-                        log.error(msg)
+                        text = (f"only {nw} of {self.env.num_workers} workers and {ns} of {self.env.num_servers} "
+                                f"servers registered at the scheduler {self.addr} within KVFRAME_CONNECT_TIMEOUT="
+                                f"{self.env.connect_timeout:g} s")
+                        log.error(text)
                         for n in self.nodes.values():
-                            self._send(n.ident, {"op": "error", "msg": msg})
+                            self._send(n.ident, "error", msg=text)
                         self.exit_code = 1
                     continue
                 if self.stopping_since is not None:
@@ -231,29 +239,31 @@ class Scheduler:
                 self._check_liveness()
         finally:
             time.sleep(0.2)  # let the last notices leave
-            self.sock.close(linger=1000)
-            self.transport.close()
+            self.ep.close()
         return self.exit_code or 0
 
-    def _dispatch(self, ident: bytes, h: dict) -> None:
-        op = h["op"]
+    def _dispatch(self, ident: Hashable, msg: Message) -> None:
         node = self.nodes.get(ident)
         if node is not None:
             node.last_seen = time.monotonic()
-        if op == "register":
-            self._register(ident, h)
-        elif op == "hb":
-            self._heartbeat(ident, h)
-        elif op == "barrier":
-            self._barrier(ident, h)
-        elif op == "bye":
-            self._bye(ident, h)
-        else:
-            log.warning("dropped a message with unknown op %r from %r", op, ident)
+        handler = {"register": self._register, "hb": self._heartbeat, "barrier": self._barrier,
+                   "bye": self._bye}.get(msg.op)
+        if handler is None:
+            log.warning("dropped a %r message from %s: the scheduler does not take it", msg.op, self.ep.name(ident))
+            return
+        handler(ident, msg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_role("scheduler", lambda env: Scheduler(env).run())
+    def start(env: NodeEnv) -> int:
+        try:
+            scheduler = Scheduler(env)
+        except (TransportError, OSError) as exc:
+            log.error("scheduler: cannot listen at %s:%s: %s", env.root_uri, env.root_port, exc)
+            return 1
+        return scheduler.run()
+
+    return run_role("scheduler", start)
 
 
 if __name__ == "__main__":

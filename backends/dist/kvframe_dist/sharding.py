@@ -1,19 +1,7 @@
-"""What workers, servers and the scheduler agree on: sharding, dtypes on the wire, state files.
-
-Requests from a worker to a server carry ``items``, one per key shard, in the header:
-
-* ``init``: ``[key, part, dtype, shard_shape, name]`` + one data frame per item
-* ``push``: ``[key, part, enc]`` where ``enc`` is ``"raw"`` (one frame of the shard's dtype),
-  ``"comp"`` (one compressed payload frame; the item has a 4th field, the payload dtype) or
-  ``"rsp"`` (two frames: int64 row numbers local to the shard, then those rows)
-* ``pull`` / ``pushpull``: replies carry one frame per item, the shard's current value
-* ``rsp_pull``: one int64 frame of local row numbers per item; the reply has those rows
-"""
+"""The sharding plan: which server holds which part of a key, and which dtypes may travel."""
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from math import prod
 
@@ -69,31 +57,4 @@ def plan(key_id: int, shape: tuple[int, ...], num_servers: int, bound: int) -> l
     return shards
 
 
-STATES_MAGIC = b"KVFDIST1"
-
-
-def pack_states(blobs: list[bytes], meta: dict) -> bytes:
-    """One file for the states of all servers: magic, JSON index, then each server's bytes."""
-    head = json.dumps({**meta, "servers": len(blobs), "sizes": [len(b) for b in blobs]}).encode()
-    return b"".join([STATES_MAGIC, struct.pack("<Q", len(head)), head, *blobs])
-
-
-def unpack_states(data: bytes) -> tuple[dict, list[bytes]]:
-    if not data.startswith(STATES_MAGIC) or len(data) < len(STATES_MAGIC) + 8:
-        raise ValueError("not a kvframe distributed optimizer-state file (saved by a dist store's "
-                         "save_optimizer_states)")
-    off = len(STATES_MAGIC)
-    (n,) = struct.unpack_from("<Q", data, off)
-    off += 8
-    meta = json.loads(data[off:off + n])
-    off += n
-    blobs = []
-    for size in meta["sizes"]:
-        blobs.append(bytes(data[off:off + size]))
-        off += size
-    if off != len(data):
-        raise ValueError("the optimizer-state file is truncated or has trailing bytes")
-    return meta, blobs
-
-
-__all__ = ["Shard", "plan", "wire_dtype", "dtype_name", "pack_states", "unpack_states", "prod"]
+__all__ = ["Shard", "plan", "wire_dtype", "dtype_name"]

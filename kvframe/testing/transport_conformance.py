@@ -1,0 +1,364 @@
+"""The transport conformance suite: the :class:`kvframe.protocols.Transport` contract, for any plugin.
+
+Use it from a transport plugin's tests by subclassing :class:`TransportConformance` and either naming
+the transport (it is then built through the plugin registry) or defining the fixture
+``make_transport``, which returns a callable ``(**config_overrides) -> Transport``::
+
+    from kvframe.testing import TransportConformance
+
+    class TestFooConformance(TransportConformance):
+        transport_name = "foo"
+        transport_options = {"buffer_bytes": 1 << 20}
+
+    class TestBarConformance(TransportConformance):
+        @pytest.fixture
+        def make_transport(self):
+            return lambda **overrides: BarTransport(BarConfig(**overrides))
+
+The suite overrides only the generic ``TransportConfig`` fields (``max_message_bytes``,
+``connect_timeout``).  Every test closes every endpoint it made, and every wait in it is bounded, so
+a transport that hangs fails the test instead of hanging the run.  Endpoints listen on
+``listen_host`` (loopback by default).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvframe import plugins
+from kvframe.config import validate_plugin_config
+from kvframe.errors import TransportError
+
+KiB, MiB = 1 << 10, 1 << 20
+WAIT = 20.0  # seconds any single expected message may take, even on a slow, shared machine
+
+
+def payload(nbytes: int, seed: int) -> np.ndarray:
+    """Reproducible random bytes (a pattern like arange would hide frames shifted by 256 bytes)."""
+    return np.frombuffer(np.random.default_rng(seed).bytes(nbytes), dtype=np.uint8)
+
+
+def as_bytes(frame: Any) -> np.ndarray:
+    return np.frombuffer(memoryview(frame).cast("B"), dtype=np.uint8)
+
+
+def assert_frame(frame: Any, expected: Any, what: str = "frame") -> None:
+    got, want = as_bytes(frame), as_bytes(expected)
+    assert got.nbytes == want.nbytes, f"{what}: {got.nbytes} bytes came, {want.nbytes} were sent"
+    if not np.array_equal(got, want):
+        first = int(np.flatnonzero(got != want)[0])
+        raise AssertionError(f"{what}: the bytes differ from offset {first} on ({got.nbytes} bytes)")
+
+
+def recv_within(t: Any, seconds: float = WAIT) -> tuple[Hashable, list]:
+    """The next message, failing the test when none comes within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no message came within {seconds} s")
+        got = t.recv(min(left, 1.0))
+        if got is not None:
+            peer, frames = got
+            assert isinstance(frames, list) and frames, "recv must return (peer, non-empty list of frames)"
+            assert all(isinstance(f, memoryview) for f in frames), "recv's frames must be memoryviews"
+            return peer, frames
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Worker(threading.Thread):
+    """Runs a function on its own thread and keeps its result or exception for the test."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def outcome(self, seconds: float) -> Any:
+        self.join(seconds)
+        if self.is_alive():
+            raise AssertionError(f"did not finish within {seconds} s (deadlock?)")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class TransportConformance:
+    """The Transport contract. Subclass and set ``transport_name`` or define ``make_transport``."""
+
+    transport_name: str | None = None
+    transport_options: dict[str, Any] = {}
+    listen_host: str = "127.0.0.1"
+    #: seconds ``close`` may take
+    close_bound: float = 5.0
+
+    # fixtures ----------------------------------------------------------------------------------
+    @pytest.fixture
+    def make_transport(self) -> Callable[..., Any]:
+        """``(**config_overrides) -> Transport``; override it, or set ``transport_name``."""
+        if self.transport_name is None:
+            pytest.fail(f"{type(self).__name__} sets no transport_name and defines no make_transport fixture")
+        name, options = self.transport_name, dict(self.transport_options)
+
+        def make(**overrides: Any) -> Any:
+            config = validate_plugin_config("transports", {"type": name, **options, **overrides}, "transport config")
+            return plugins.create("transports", config)
+
+        return make
+
+    @pytest.fixture
+    def endpoint(self, make_transport: Callable[..., Any]):
+        """Like ``make_transport``, and every endpoint made is closed after the test."""
+        made: list = []
+
+        def new(**overrides: Any) -> Any:
+            t = make_transport(**overrides)
+            made.append(t)
+            return t
+
+        yield new
+        for t in reversed(made):
+            t.close()
+
+    @pytest.fixture
+    def pair(self, endpoint: Callable[..., Any]) -> tuple[Any, Any, Hashable]:
+        """A listening server, a client connected to it, and the client's handle of the server."""
+        server = endpoint()
+        addr = server.listen(self.listen_host, 0)
+        client = endpoint()
+        return server, client, client.connect(addr)
+
+    # helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def round_trip(server: Any, client: Any, to_server: Hashable, frames: list) -> None:
+        """client -> server -> (echo) -> client, checking every byte and the peer handles."""
+        client.send(to_server, frames)
+        peer, got = recv_within(server)
+        assert len(got) == len(frames), f"{len(frames)} frames sent, {len(got)} came"
+        for i, (g, f) in enumerate(zip(got, frames)):
+            assert_frame(g, f, f"frame {i} at the server")
+        server.send(peer, got)  # received frames are valid frames to send on
+        back, echoed = recv_within(client)
+        assert back == to_server and hash(back) == hash(to_server), \
+            f"the reply came from {back!r}, not from the handle connect returned ({to_server!r})"
+        assert len(echoed) == len(frames)
+        for i, (g, f) in enumerate(zip(echoed, frames)):
+            assert_frame(g, f, f"frame {i} back at the client")
+
+    # tests -------------------------------------------------------------------------------------
+    def test_listen_returns_an_address_to_connect_to(self, endpoint):
+        server = endpoint()
+        addr = server.listen(self.listen_host, 0)
+        assert isinstance(addr, str) and "://" in addr, f"listen returned {addr!r}, not scheme://host:port"
+        port = int(addr.rsplit(":", 1)[1].rstrip("/"))
+        assert port > 0, f"listen on port 0 must return the port it got, not {addr!r}"
+
+    @pytest.mark.parametrize("nbytes", [0, 1, 7, 64 * KiB, 8 * MiB, 64 * MiB],
+                             ids=["0B", "1B", "7B", "64KiB", "8MiB", "64MiB"])
+    def test_round_trip_one_frame(self, pair, nbytes):
+        server, client, to_server = pair
+        self.round_trip(server, client, to_server, [payload(nbytes, nbytes)])
+
+    def test_round_trip_many_frames_of_every_buffer_kind(self, pair):
+        server, client, to_server = pair
+        rng = np.random.default_rng(1)
+        frames: list = [b"header", b"", bytearray(b"\x00\x01\x02"), memoryview(b"view"),
+                        rng.standard_normal((33, 17)).astype(np.float32),  # a typed, 2-d buffer
+                        payload(300 * KiB, 2), payload(1 * MiB + 3, 3)]
+        frames += [payload(int(n), 100 + i) for i, n in enumerate(rng.integers(0, 3000, 993))]
+        self.round_trip(server, client, to_server, frames)
+
+    def test_small_messages_keep_their_order(self, pair):
+        server, client, to_server = pair
+        n = 1000
+        for i in range(n):
+            client.send(to_server, [struct.pack("<I", i), b"x" * (i % 50)])
+        peer = None
+        for i in range(n):
+            peer, frames = recv_within(server)
+            assert struct.unpack("<I", frames[0])[0] == i, f"message {i} came out of order"
+            assert len(frames) == 2 and frames[1] == b"x" * (i % 50)
+        for i in range(n):
+            server.send(peer, [struct.pack("<I", i)])
+        for i in range(n):
+            back, frames = recv_within(client)
+            assert back == to_server and struct.unpack("<I", frames[0])[0] == i
+
+    def test_clients_are_told_apart_and_replies_reach_the_right_one(self, endpoint):
+        server = endpoint()
+        addr = server.listen(self.listen_host, 0)
+        clients = [endpoint() for _ in range(3)]
+        handles = [c.connect(addr) for c in clients]
+        for i, (c, h) in enumerate(zip(clients, handles)):
+            c.send(h, [b"hello", struct.pack("<I", i)])
+        peers: dict = {}
+        for _ in clients:
+            peer, frames = recv_within(server)
+            assert frames[0] == b"hello"
+            peers[peer] = struct.unpack("<I", frames[1])[0]
+        assert sorted(peers.values()) == [0, 1, 2], "the server must see three distinct peers"
+        for peer, i in peers.items():
+            server.send(peer, [b"you are", struct.pack("<I", i)])
+        for i, (c, h) in enumerate(zip(clients, handles)):
+            back, frames = recv_within(c)
+            assert back == h and hash(back) == hash(h), "a reply must come with the handle connect returned"
+            assert frames[0] == b"you are" and struct.unpack("<I", frames[1])[0] == i, \
+                "a reply reached the wrong client"
+            assert str(back), "a peer handle must print as something readable"
+
+    def test_recv_times_out_with_none(self, pair):
+        server, client, _ = pair
+        for t, timeout in [(server, 0.0), (server, 0.3), (client, 0.3)]:
+            start = time.monotonic()
+            assert t.recv(timeout) is None
+            took = time.monotonic() - start
+            assert took < timeout + 2.0, f"recv({timeout}) took {took:.2f} s"
+
+    def test_message_at_the_limit_is_accepted(self, endpoint):
+        limit = 1 << 16
+        server = endpoint(max_message_bytes=limit)
+        client = endpoint(max_message_bytes=limit)
+        to_server = client.connect(server.listen(self.listen_host, 0))
+        self.round_trip(server, client, to_server, [payload(limit - 100, 5), payload(100, 6)])
+
+    @pytest.mark.parametrize("split", [False, True], ids=["one_frame", "split_across_frames"])
+    def test_oversize_message_is_refused_and_the_receiver_serves_on(self, endpoint, split):
+        limit = 1 << 16
+        server = endpoint(max_message_bytes=limit)
+        addr = server.listen(self.listen_host, 0)
+        bad = endpoint()  # its own limit is the default: only the receiver's limit is tested
+        to_server = bad.connect(addr)
+        big = [payload(limit // 2 + 1, 7), payload(limit // 2, 8)] if split else [payload(limit + 1, 7)]
+        try:
+            bad.send(to_server, big)
+        except TransportError:
+            pass  # refusing at the sender is fine too
+        # the receiver still serves a well-behaved client, and never hands out the oversize message
+        good = endpoint(max_message_bytes=limit)
+        to_good_server = good.connect(addr)
+        good.send(to_good_server, [b"still there?"])
+        while True:
+            peer, frames = recv_within(server)
+            assert sum(memoryview(f).nbytes for f in frames) <= limit, \
+                f"a message of {sum(memoryview(f).nbytes for f in frames)} bytes passed a limit of {limit}"
+            if frames == [b"still there?"]:
+                break
+        server.send(peer, [b"yes"])
+        back, frames = recv_within(good)
+        assert back == to_good_server and frames == [b"yes"]
+        assert server.recv(0.2) is None, "nothing else may come out of the receiver"
+
+    @pytest.mark.parametrize("nbytes", [1 * KiB, 8 * MiB], ids=["1KiB", "8MiB"])
+    def test_buffers_may_be_overwritten_once_send_returns(self, pair, nbytes):
+        server, client, to_server = pair
+        buf = np.empty(nbytes, dtype=np.uint8)
+        small = bytearray(64)
+        sent = []
+        for i in range(3):
+            buf[:] = payload(nbytes, 10 + i)
+            small[:] = bytes([i]) * 64
+            sent.append((buf.copy(), bytes(small)))
+            client.send(to_server, [small, buf])
+            buf[:] = 0  # the moment send returns, the caller may reuse its memory
+            small[:] = b"\xff" * 64
+        for i, (want_big, want_small) in enumerate(sent):
+            _, frames = recv_within(server)
+            assert_frame(frames[0], want_small, f"small frame of message {i}")
+            assert_frame(frames[1], want_big, f"large frame of message {i}")
+
+    def test_both_ends_sending_64MiB_at_once_do_not_deadlock(self, pair):
+        server, client, to_server = pair
+        client.send(to_server, [b"hi"])
+        to_client, _ = recv_within(server)
+        a, b = payload(64 * MiB, 21), payload(64 * MiB, 22)
+        # each endpoint is used by one thread at a time: the client's on a worker, the server's here
+        client_side = _Worker(lambda: (client.send(to_server, [a]), recv_within(client, 60.0))[1])
+        client_side.start()
+        server.send(to_client, [b])
+        peer, frames = recv_within(server, 60.0)
+        assert peer == to_client
+        assert_frame(frames[0], a, "the client's 64 MiB at the server")
+        back, frames = client_side.outcome(60.0)
+        assert back == to_server
+        assert_frame(frames[0], b, "the server's 64 MiB at the client")
+
+    def test_server_may_start_after_the_client_connects(self, endpoint):
+        port = free_port(self.listen_host)
+        server = endpoint()
+        client = endpoint(connect_timeout=10.0)
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+
+        def later() -> str:
+            time.sleep(0.5)
+            return server.listen(self.listen_host, port)
+
+        starter = _Worker(later)
+        starter.start()
+        # the address is the one listen will return; learn its scheme from a throwaway endpoint
+        probe = endpoint()
+        scheme = probe.listen(self.listen_host, 0).split("://", 1)[0]
+        to_server = client.connect(f"{scheme}://{host}:{port}")
+        addr = starter.outcome(WAIT)
+        assert addr.endswith(f":{port}")
+        self.round_trip(server, client, to_server, [b"late", payload(100 * KiB, 9)])
+
+    def test_send_to_a_closed_peer_raises(self, pair):
+        server, client, to_server = pair
+        self.round_trip(server, client, to_server, [b"ping"])
+        server.close()
+        deadline = time.monotonic() + 10.0
+        with pytest.raises(TransportError):
+            while time.monotonic() < deadline:  # the first sends may still fit in kernel buffers
+                client.send(to_server, [b"anyone?", payload(64 * KiB, 3)])
+                time.sleep(0.02)
+
+    def test_unreachable_address_raises(self, endpoint):
+        client = endpoint(connect_timeout=0.5)
+        probe = endpoint()
+        scheme = probe.listen(self.listen_host, 0).split("://", 1)[0]
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        addr = f"{scheme}://{host}:{free_port(self.listen_host)}"  # nobody listens there
+        start = time.monotonic()
+        with pytest.raises(TransportError):
+            h = client.connect(addr)  # may connect lazily: then sending must fail
+            while time.monotonic() - start < 10.0:
+                client.send(h, [b"anyone?"])
+                time.sleep(0.02)
+        assert time.monotonic() - start < 10.0
+
+    def test_an_address_it_cannot_use_raises(self, endpoint):
+        client = endpoint(connect_timeout=0.5)
+        with pytest.raises(TransportError):
+            client.connect("no-such-scheme:nowhere")
+
+    def test_close_is_idempotent_and_bounded(self, endpoint):
+        idle = endpoint()
+        busy_server = endpoint()
+        busy_client = endpoint()
+        to_server = busy_client.connect(busy_server.listen(self.listen_host, 0))
+        busy_client.send(to_server, [payload(4 * MiB, 4)])  # left unreceived on purpose
+        for t in (idle, busy_server, busy_client):
+            for _ in range(2):
+                start = time.monotonic()
+                t.close()
+                took = time.monotonic() - start
+                assert took < self.close_bound, f"close took {took:.2f} s"
