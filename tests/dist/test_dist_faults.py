@@ -118,43 +118,56 @@ def test_a_pull_waiting_for_a_worker_that_finished_fails_clearly(tmp_path):
 
 def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_path):
     job = run_job(tmp_path, """
-        import zmq
-        from kvframe_dist.transport import ZmqTransport
+        import socket
+        from urllib.parse import urlsplit
+        from kvframe_dist.endpoint import Endpoint, make_transport
+        from kvframe_dist.wire import Message
         kv.init(0, np.zeros(10, np.float32))
         kv.barrier()
         if rank == 0:
             addr = kv.backend.server_addrs[0]
-            ctx = zmq.Context()
-            raw = ctx.socket(zmq.DEALER)
-            raw.connect(addr)
-            raw.send_multipart([b"garbage"])                                        # no header, no MAC
-            raw.send_multipart([b'KVF1{"op":"push","id":1,"items":[[0,0,"raw"]]}', b"x" * 40])  # no MAC
-            raw.send_multipart([b"\\xff" * 100, b"", b"zz"])
-            wrong = ZmqTransport(secret=b"not-the-secret")
-            ws = wrong.dealer(addr)
-            wrong.send(ws, {"op": "push", "id": 2, "items": [[0, 0, "raw"]], "sync": True}, [np.ones(10, np.float32)])
-            assert not ws.poll(500), "an unauthenticated request got an answer"
-            good = ZmqTransport(secret=os.environ["KVFRAME_SECRET"].encode())
-            gs = good.dealer(addr)
-            def ask(header, frames=()):
-                good.send(gs, header, list(frames))
-                assert gs.poll(5000), header
-                return good.recv(gs)[1]
+            u = urlsplit(addr)
+            with socket.create_connection((u.hostname, u.port)) as raw:   # bytes that are no message at all
+                raw.sendall(b"garbage" * 100)
+            def endpoint(secret):
+                ep = Endpoint(make_transport(os.environ.get("KVFRAME_TRANSPORT", "tcp")), secret, "test")
+                return ep, ep.connect(addr)
+            wrong, ws = endpoint(b"not-the-secret")
+            wrong.send(ws, Message("push", {"id": 2, "keys": [0], "sync": True}, [np.ones(10, np.float32)]))
+            assert wrong.recv(0.5) is None, "an unauthenticated request got an answer"
+            good, gs = endpoint(os.environ["KVFRAME_SECRET"].encode())
+            def ask(op, fields, frames=()):
+                good.send(gs, Message(op, fields, list(frames)))
+                got = good.recv(5)
+                assert got is not None, (op, fields)
+                return got[1]
             bad = [
-                ({"op": "push", "id": 3, "items": [[0, 0, "raw"]], "sync": True}, [np.zeros(3, np.float32)],
-                 "expected 10"),
-                ({"op": "push", "id": 4, "items": [[999, 0, "raw"]]}, [np.zeros(10, np.float32)], "unknown key 999"),
-                ({"op": "init", "id": 5, "items": [[50, 0, "complex64", [2], None]]}, [b"x" * 16], "cannot travel"),
-                ({"op": "init", "id": 6, "items": [[51, 0, "float32", [4], None]]}, [b"x" * 12], "expected 4"),
-                ({"op": "pull", "id": 7, "items": "notalist"}, [], "pull without items"),
-                ({"op": "push", "id": 8, "items": [["a", {}]]}, [], "malformed item"),
-                ({"op": "frobnicate", "id": 9}, [], "unknown op"),
-                ({"op": "push", "id": 10, "items": [[0, 0, "comp", "object"]]}, [b"1234"], "compress"),
-                ({"op": "rsp_pull", "id": 11, "items": [[0, 0]]}, [np.array([100], np.int64)], "outside"),
+                ("push", {"id": 3, "keys": [0], "sync": True}, [np.zeros(3, np.float32)], "expected 10"),
+                ("push", {"id": 4, "keys": [999], "sync": True}, [np.zeros(10, np.float32)], "unknown key 999"),
+                ("init", {"id": 5, "keys": [50], "parts": [0], "dtypes": ["complex64"], "shapes": [[2]],
+                          "names": [None]}, [b"x" * 16], "cannot travel"),
+                ("init", {"id": 6, "keys": [51], "parts": [0], "dtypes": ["float32"], "shapes": [[4]],
+                          "names": [None]}, [b"x" * 12], "expected 4"),
+                ("push", {"id": 10, "keys": [0], "encs": ["c:object"], "sync": True}, [b"1234"], "compress"),
+                ("rsp_pull", {"id": 11, "keys": [0], "sync": True}, [np.array([100], np.int64)], "outside"),
+                ("push", {"id": 12, "keys": [0, 0], "parts": [0], "sync": True}, [], "2 keys but 1 parts"),
+                ("welcome", {"rank": 0, "servers": [], "num_workers": 1, "num_servers": 1, "pid": 1}, [],
+                 "does not take 'welcome'"),
             ]
-            for header, frames, words in bad:
-                h = ask(header, frames)
-                assert h["op"] == "error" and h["id"] == header["id"] and words in h["msg"], (header, h)
+            for op, fields, frames, words in bad:
+                reply = ask(op, fields, frames)
+                assert reply.op == "error" and words in reply["msg"], (op, fields, reply)
+                assert reply.get("id") == fields.get("id"), reply
+            # messages that break the wire format are dropped: no answer, the server keeps serving
+            import hashlib, hmac, struct
+            def signed(*frames):   # the documented MAC: HMAC-SHA256 over each frame's u64 length and bytes
+                h = hmac.new(os.environ["KVFRAME_SECRET"].encode(), digestmod=hashlib.sha256)
+                for f in frames:
+                    h.update(struct.pack("<Q", len(f)) + f)
+                return [*frames, h.digest()]
+            for header in (b'KVF\x02{"op": "frobnicate", "id": 9}', b"KVF\x02" + b"[" * 100000, b"KVF\x01{}"):
+                good.transport.send(gs, signed(header))
+            assert good.recv(0.5) is None
             st = kv.backend.server_stats()[0]
             assert st["dropped"] >= 4 and st["errors"] == len(bad), st
             print("server 0 dropped", st["dropped"], "and refused", st["errors"])
@@ -165,7 +178,7 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
         print("DONE")
     """, env={"KVFRAME_SECRET": "s3cret"})
     assert_ok(job)
-    assert "unauthenticated message" in job.out
+    assert "bad MAC" in job.out
 
 
 def test_launcher_exits_with_the_first_failing_code_and_stops_the_rest(tmp_path):

@@ -1,12 +1,15 @@
-"""Pieces of the dist stores tested in-process: sharding, the wire format, priorities, state files."""
+"""Pieces of the dist stores tested in-process: sharding, the wire format, the round table,
+priorities, state files."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from kvframe_dist.proto import pack_states, plan, unpack_states, wire_dtype
+from kvframe_dist.rounds import RoundTable, Slot
 from kvframe_dist.server import by_priority
-from kvframe_dist.transport import BadMessage, ZmqTransport
+from kvframe_dist.sharding import plan, wire_dtype
+from kvframe_dist.states import pack_states, unpack_states
+from kvframe_dist.wire import MAX_HEADER, BadMessage, Message, decode, encode, items
 
 
 def test_small_arrays_go_whole_to_one_server_as_mxnet():
@@ -42,44 +45,85 @@ def test_state_files_round_trip_and_refuse_garbage():
 
 
 def test_priority_orders_each_workers_next_request_but_keeps_a_workers_order():
-    msgs = [(b"w0", {"op": "pull", "prio": 0, "n": 1}, []), (b"w1", {"op": "pull", "prio": 5, "n": 2}, []),
-            (b"w0", {"op": "pull", "prio": 9, "n": 3}, []), (b"w2", {"op": "push", "n": 4}, []),
-            (b"w2", {"op": "push", "prio": 7, "n": 5}, [])]
-    assert [h["n"] for _, h, _ in by_priority(msgs)] == [2, 1, 3, 4, 5]
-    plain = [(b"w0", {"op": "pull", "n": i}, []) for i in range(3)]
+    def m(prio, n):
+        return Message("pull", {"prio": prio, "id": n})
+    msgs = [("w0", m(0, 1)), ("w1", m(5, 2)), ("w0", m(9, 3)), ("w2", m(0, 4)), ("w2", m(7, 5))]
+    assert [msg["id"] for _, msg in by_priority(msgs)] == [2, 1, 3, 4, 5]
+    plain = [("w0", m(0, i)) for i in range(3)]
     assert by_priority(plain) == plain
 
 
-@pytest.fixture
-def pair():
-    a, b = ZmqTransport(secret=b"s"), ZmqTransport(secret=b"s")
-    router, addr = a.router("tcp://127.0.0.1:0")
-    dealer = b.dealer(addr)
-    yield a, router, b, dealer
-    router.close(0)
-    dealer.close(0)
-    a.close()
-    b.close()
+# the wire format ---------------------------------------------------------------------------------
+def test_messages_round_trip_with_columns_and_raw_frames():
+    data = [np.arange(5, dtype=np.float32), np.ones(3, np.int64)]
+    msg = Message("push", items({"id": 7, "sync": True}, [(3, 0, "raw"), (4, 1, "c:uint8")]), data)
+    frames = encode(msg, b"secret")
+    assert frames[1] is data[0]  # arrays are passed through, not copied
+    got = decode([bytes(memoryview(f).cast("B")) for f in frames], b"secret")
+    assert got.op == "push" and got.items() == [(3, 0, "raw"), (4, 1, "c:uint8")] and got["sync"] is True
+    assert np.array_equal(np.frombuffer(got.frames[0], np.float32), data[0])
+    whole = encode(Message("pull", items({"id": 1, "sync": True}, [(k, 0, "raw") for k in range(100)])))
+    assert b"parts" not in whole[0] and b"encs" not in whole[0]  # all-default columns stay out
 
 
-def test_frames_travel_packed_and_authenticated(pair):
-    a, router, b, dealer = pair
-    arrays = [np.arange(5, dtype=np.float32), np.ones(200_000, np.float64), np.arange(3, dtype=np.int64)]
-    b.send(dealer, {"op": "x", "id": 1}, arrays)
-    assert router.poll(5000)
-    ident, h, frames = a.recv(router, router=True)
-    assert h == {"op": "x", "id": 1} and len(frames) == 3
-    got = [np.frombuffer(f.buffer, a_.dtype) for f, a_ in zip(frames, arrays)]
-    assert all(np.array_equal(x, y) for x, y in zip(got, arrays))
-    dealer.send_multipart([b"KVF1{\"op\":\"x\"}", b"no-mac"])  # unauthenticated
-    assert router.poll(5000)
-    with pytest.raises(BadMessage, match="unauthenticated"):
-        a.recv(router, router=True)
+@pytest.mark.parametrize("header, reason", [
+    (b"KVF\x02" + b"[" * 100_000, "not JSON"),  # a recursion bomb
+    (b"KVF\x01{}", "wire version 1"),
+    (b"XYZ\x02{}", "not a kvframe message"),
+    (b'KVF\x02{"op": "push", "id": 1, "keys": [1], "sync": 1}', "sync"),  # 1 is no bool
+    (b'KVF\x02{"op": "push", "id": 1, "keys": [true], "sync": true}', "keys"),
+    (b'KVF\x02{"op": "push", "id": 1, "keys": [1], "sync": true, "ack": 1}', "unknown field"),
+    (b'KVF\x02{"op": "pull", "keys": [1], "sync": true}', "without field 'id'"),
+    (b'KVF\x02{"op": "exec", "id": 1}', "unknown op"),
+    (b'KVF\x02{"op": "init", "id": 1, "keys": [1], "parts": [0], "dtypes": ["float32"], "shapes": [[-1]], '
+     b'"names": [null]}', "shapes"),
+    (b"KVF\x02" + b" " * (MAX_HEADER + 1), "exceeds"),
+])
+def test_malformed_headers_are_refused_with_the_reason(header, reason):
+    with pytest.raises(BadMessage, match=reason):
+        decode([header])
 
 
-def test_a_forged_frame_layout_is_refused(pair):
-    a, router, b, dealer = pair
-    b.send(dealer, {"op": "x", "_p": [4, 4]}, [b"1234"])  # says two packed frames, carries one
-    assert router.poll(5000)
-    with pytest.raises(BadMessage, match="layout"):
-        a.recv(router, router=True)
+def test_a_message_without_the_right_mac_is_refused_before_parsing():
+    frames = encode(Message("ping", {"id": 1}), b"right")
+    with pytest.raises(BadMessage, match="bad MAC"):
+        decode(frames, b"wrong")
+    with pytest.raises(BadMessage, match="no MAC"):
+        decode(frames[:1], b"right")
+    assert decode(frames, b"right")["id"] == 1
+
+
+def test_columns_of_different_lengths_are_refused():
+    msg = decode(encode(Message("pull", {"id": 1, "sync": True, "keys": [1, 2], "parts": [0]})))
+    with pytest.raises(BadMessage, match="2 keys but 1 parts"):
+        msg.items()
+
+
+# the round table ---------------------------------------------------------------------------------
+def test_a_sync_round_completes_with_every_workers_push_and_releases_waiting_replies():
+    applied, answered = [], []
+    table = RoundTable(2, lambda slot: applied.append(sum(slot.pending)))
+    a, b = Slot("a", None), Slot("b", None)
+    table.push(a, "w0", 1, sync=True)
+    table.after_round("w0", [a, b], lambda: answered.append("w0"))  # waits for a's round only
+    table.after_round("w1", [a], lambda: answered.append("w1"))  # w1 pushed nothing: at once
+    assert applied == [] and answered == ["w1"]
+    table.push(a, "w0", 10, sync=True)  # a second push of one worker counts, as in MXNet
+    assert applied == [11] and answered == ["w1", "w0"] and a.pending == [] and a.pushers == []
+
+
+def test_async_pushes_complete_at_once_and_a_failed_update_still_closes_the_round():
+    def boom(slot):
+        raise RuntimeError("optimizer failed")
+    table = RoundTable(3, boom)
+    s = Slot("k", None)
+    table.push(s, "w0", 1, sync=True)
+    table.push(s, "w1", 1, sync=True)
+    answered = []
+    table.after_round("w0", [s], lambda: answered.append(1))
+    with pytest.raises(RuntimeError):
+        table.push(s, "w2", 1, sync=True)
+    assert answered == [1] and s.pending == []
+    done = []
+    RoundTable(3, lambda slot: done.append(slot.pending[:])).push(Slot("k", None), "w0", 5, sync=False)
+    assert done == [[5]]
