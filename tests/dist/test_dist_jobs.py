@@ -232,6 +232,24 @@ def test_row_sparse_push_and_row_sparse_pull(tmp_path):
     assert_ok(job)
 
 
+def test_row_sparse_pull_right_after_a_push_sees_that_round(tmp_path):
+    """As a dense pull does (one of MXNet's own dist tests): no barrier between push and pull."""
+    job = run_job(tmp_path, """
+        shape = (3000, 4)                                   # split over both servers (bound 1000)
+        kv.init("e", np.zeros(shape, np.float32))
+        for r in range(1, 6):
+            rows = np.array([0, 1, 1500, 2999], np.int64)
+            g = kvframe.RowSparseArray(np.full((4, 4), r * (rank + 1), np.float32), rows, shape)
+            kv.push("e", g)
+            out = kvframe.RowSparseArray(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), shape)
+            kv.row_sparse_pull("e", out=out, row_ids=np.array([2999, 0, 7], np.int64))
+            assert list(out.indices) == [0, 7, 2999], out.indices
+            assert (out.data[[0, 2]] == 3 * r).all() and (out.data[1] == 0).all(), (r, out.data)
+        print("DONE")
+    """, env={"KVFRAME_BIGARRAY_BOUND": "1000"})
+    assert_ok(job)
+
+
 REF_2BIT = """
 def ref_2bit(grad, residual, t):
     # MXNet's 2bit quantizer with error feedback, element by element in float32
