@@ -281,7 +281,22 @@ def build(args: argparse.Namespace) -> list[Proc]:
     return procs
 
 
-_MPI_TAG = re.compile(r"\[\d+,(\d+)\]<std(?:out|err)>:(.*)")  # Open MPI's --tag-output: [job,rank]<stdout>:
+_MPI_TAG = re.compile(r"\[\d+,(\d+)\]<(std(?:out|err|diag))>:")  # Open MPI's --tag-output: [job,rank]<stdout>:
+
+
+def mpi_lines(line: str, partial: dict) -> list[tuple[str | None, str]]:
+    """Whole lines ``(rank, text)`` in one line of ``mpirun --tag-output`` (rank None: mpirun's own).
+    mpirun tags every chunk a rank writes, so one line may hold ``[1,0]<stdout>:{...`` from a print
+    whose newline comes later as ``[1,0]<stdout>:``, or pieces of other ranks: a fragment is a rank's
+    whole line only when it ends the physical line; the others wait in ``partial``."""
+    pieces = _MPI_TAG.split(line)  # [before, rank, stream, text, rank, stream, text, ...]
+    out: list[tuple[str | None, str]] = [(None, pieces[0])] if pieces[0] or len(pieces) == 1 else []
+    for i in range(1, len(pieces), 3):
+        key = (pieces[i], pieces[i + 1])
+        partial[key] = partial.get(key, "") + pieces[i + 2]
+        if i + 3 >= len(pieces):
+            out.append((pieces[i], partial.pop(key)))
+    return out
 
 
 class Launcher:
@@ -292,18 +307,24 @@ class Launcher:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
+    def _write(self, lines: list[str]) -> None:
+        with self.lock:
+            self.out.write("".join(f"{ln}\n" for ln in lines))
+            self.out.flush()
+
     def _forward(self, proc: Proc) -> None:
         prefix = f"[{proc.name}] "
         assert proc.popen is not None and proc.popen.stdout is not None
+        partial: dict = {}
         for raw in iter(proc.popen.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n")
-            m = _MPI_TAG.match(line) if proc.mpi_role else None
-            with self.lock:
-                if m:
-                    self.out.write(f"[{proc.mpi_role} {m.group(1)}] {m.group(2)}\n")
-                else:
-                    self.out.write(prefix + line + "\n")
-                self.out.flush()
+            if not proc.mpi_role:
+                self._write([prefix + line])
+                continue
+            self._write([f"[{proc.mpi_role} {rank}] {text}" if rank is not None else prefix + text
+                         for rank, text in mpi_lines(line, partial)])
+        if partial:  # a last line without its newline
+            self._write([f"[{proc.mpi_role} {rank}] {text}" for (rank, _), text in partial.items()])
 
     def start(self) -> None:
         for proc in self.procs:

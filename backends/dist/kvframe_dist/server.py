@@ -209,6 +209,10 @@ class Server:
     def _apply(self, slot: Slot) -> None:
         """A round is complete: run the optimizer on the sum, or store the sum."""
         values = slot.pending
+        if self.updater is None and len(values) == 2 and type(values[0]) is np.ndarray \
+                and type(values[1]) is np.ndarray and values[0].size < self.reducer.bigarray_bound:
+            np.add(values[0], values[1], out=slot.data.reshape(-1))  # the common small case, without the pool
+            return
         if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
             self.reducer.sum_into(slot.data.reshape(-1), values)
             return
