@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # every distribution in the repository, installed editable; the test plugin package too
-PACKAGES := . $(dir $(wildcard backends/*/pyproject.toml)) compressors optimizers tests/plugins
+PACKAGES := . $(dir $(wildcard backends/*/pyproject.toml)) compressors optimizers transports tests/plugins
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kvframe backends compressors optimizers tests benchmarks examples
+	$(VENV)/bin/ruff check kvframe backends transports compressors optimizers tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -1,0 +1,673 @@
+"""Transport ``tcp``: messages as length-prefixed frames on plain TCP sockets.
+
+Wire format of one message (all integers little-endian)::
+
+    prefix   12 bytes   magic b"KVFT", version (u8, 1), kind (u8: 0 data, 1 control), reserved (u16, 0),
+                        number of frames n (u32, 1 <= n <= max_frames)
+    lengths  8*n bytes  each frame's length (u64); the top bit marks a frame that travels in shared
+                        memory (transport 'shm' only: its stream bytes are 16-byte chunk descriptors)
+    frames              the frames' bytes, back to back
+
+The receiver checks the prefix and the lengths before it allocates anything: a bad magic or version,
+too many frames, or a message over ``max_message_bytes`` drops that connection (with a warning that
+names the peer) and the endpoint serves on.  A message is read into one buffer of its total size and
+its frames come out of ``recv`` as memoryview slices of it.  Sending hands the caller's buffers to
+the kernel with ``sendmsg`` (scatter-gather, no concatenation) and returns once all of it is there.
+
+One background thread per endpoint reads every connection (selectors), so two endpoints sending each
+other large messages at once never deadlock: both keep reading while they write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import re
+import select
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from kvframe import hookimpl
+from kvframe.config import TransportConfig
+from kvframe.errors import TransportError
+
+log = logging.getLogger("kvframe_transports")
+
+MAGIC = b"KVFT"
+VERSION = 1
+DATA, CONTROL = 0, 1
+PREFIX = struct.Struct("<4sBBHI")
+MARKER = struct.Struct("<QQ")  # a shared-memory chunk: its position in the ring, its length
+SHM_FLAG = 1 << 63
+MAX_CONTROL_BYTES = 1 << 16
+STAGING_BYTES = 256 << 10  # small reads go through this buffer; large frames are read in place
+DIRECT_BYTES = 64 << 10  # a frame part at least this long is received straight into the message
+READS_PER_WAKE = 16  # then the receiver thread looks at the other connections again
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Linux's value where the socket module does not name it; linear RTOs help thin request/reply flows
+TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16 if sys.platform == "linux" else None)
+
+_ADDRESS = re.compile(r"^tcp://(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<host>[^:/\[\]\s]+)):(?P<port>\d{1,5})/?$")
+
+
+class TcpOptions(TransportConfig):
+    """Socket options shared by 'tcp' and 'shm'."""
+
+    max_frames: int = Field(1 << 16, ge=1, le=1 << 20, description="a message with more frames is refused")
+    send_timeout: float = Field(
+        300.0, gt=0, description="seconds a send may make no progress (the peer stopped reading) before it fails")
+    socket_buffer_bytes: int | None = Field(
+        None, ge=4096, le=1 << 30, description="SO_SNDBUF and SO_RCVBUF; None keeps the kernel's autotuning")
+    keepalive: bool = Field(True, description="TCP keepalive, so that a vanished host is noticed")
+    thin_linear_timeouts: bool = Field(
+        True, description="TCP_THIN_LINEAR_TIMEOUTS where the kernel has it: no exponential backoff of "
+        "retransmissions for thin request/reply flows under packet loss")
+
+
+class TcpConfig(TcpOptions):
+    type: Literal["tcp"] = "tcp"
+
+
+class ProtocolError(Exception):
+    """A peer broke the wire format or a limit; its connection is dropped."""
+
+
+class Peer:
+    """The handle of one connection. Hashable by identity; ``address`` is the remote end."""
+
+    __slots__ = ("address", "outbound")
+
+    def __init__(self, address: str, outbound: bool):
+        self.address = address
+        self.outbound = outbound
+
+    def __str__(self) -> str:
+        return self.address
+
+    def __repr__(self) -> str:
+        return f"Peer({self.address!r}, {'outbound' if self.outbound else 'inbound'})"
+
+
+def format_address(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    m = _ADDRESS.match(address) if isinstance(address, str) else None
+    if m is None or not 0 < int(m["port"]) < 65536:
+        raise TransportError(f"cannot use address {address!r}: expected tcp://HOST:PORT (IPv6 as tcp://[HOST]:PORT)")
+    return m["v6"] or m["host"], int(m["port"])
+
+
+def _byte_view(frame: Any, i: int) -> memoryview:
+    mv = frame if isinstance(frame, memoryview) else memoryview(frame)
+    if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
+        return mv
+    if not mv.c_contiguous:
+        raise TypeError(f"frame {i} is not a contiguous buffer")
+    return mv.cast("B")
+
+
+class Connection:
+    """One socket with its receive state; its sends are serialized by ``send_lock``."""
+
+    def __init__(self, transport: TcpTransport, sock: socket.socket, peer: Peer):
+        self.transport = transport
+        self.sock = sock
+        self.peer = peer
+        self.send_lock = threading.Lock()
+        self.broken: str | None = None
+        self.closed = False
+        # the socket is closed only once it is broken, out of the receiver thread's selector (else
+        # a new socket reusing its number would clash there) and no send is on it (else that send
+        # could write into the new socket): whoever ends the last of these closes it
+        self.watched = False
+        self.sending = False
+        self.tx_ring: Any = None  # shared-memory rings, set up by transport 'shm'
+        self.rx_ring: Any = None
+        self.staging = bytearray(STAGING_BYTES)
+        self.staging_mv = memoryview(self.staging)
+        self.prefix = bytearray(PREFIX.size)
+        self.marker = bytearray(MARKER.size)
+        self._expect_prefix()
+
+    # receive state machine: ``want`` is the memory the next stream bytes go to; ``on_filled`` runs
+    # when it is full and sets the next ``want``
+    def _expect_prefix(self) -> None:
+        self.want = memoryview(self.prefix)
+        self.on_filled = self._got_prefix
+
+    def _got_prefix(self) -> None:
+        magic, version, kind, reserved, n = PREFIX.unpack(self.prefix)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r} (not a kvframe tcp peer?)")
+        if version != VERSION or kind not in (DATA, CONTROL) or reserved:
+            raise ProtocolError(f"unknown wire version {version}, message kind {kind} or reserved field {reserved}")
+        limit = self.transport.config.max_frames
+        if not 1 <= n <= limit:
+            raise ProtocolError(f"a message of {n} frames (allowed: 1 to {limit})")
+        self.kind, self.nframes = kind, n
+        self.lengths_buf = bytearray(8 * n)  # at most 8 MiB, bounded by max_frames
+        self.want = memoryview(self.lengths_buf)
+        self.on_filled = self._got_lengths
+
+    def _got_lengths(self) -> None:
+        raw = struct.unpack(f"<{self.nframes}Q", self.lengths_buf)
+        del self.lengths_buf
+        flags = [x >= SHM_FLAG for x in raw]
+        lengths = [x & (SHM_FLAG - 1) for x in raw]
+        total = sum(lengths)
+        limit = self.transport.config.max_message_bytes if self.kind == DATA else MAX_CONTROL_BYTES
+        if total > limit:
+            raise ProtocolError(f"a message of {total} bytes is over the limit of {limit} bytes")
+        if any(flags) and (self.kind != DATA or self.rx_ring is None):
+            raise ProtocolError("a shared-memory frame on a connection without shared memory")
+        self.body = np.empty(total, dtype=np.uint8)
+        body = memoryview(self.body)
+        self.frames: list[memoryview] = []
+        off = 0
+        for n in lengths:
+            self.frames.append(body[off:off + n])
+            off += n
+        self.flags = flags
+        self.index = -1
+        self._next_frame()
+
+    def _next_frame(self) -> None:
+        while True:
+            self.index += 1
+            if self.index == self.nframes:
+                frames, kind = self.frames, self.kind
+                del self.frames, self.body, self.flags
+                self._expect_prefix()
+                self.transport._deliver(self, kind, frames)
+                return
+            frame = self.frames[self.index]
+            if not frame.nbytes:
+                continue
+            if self.flags[self.index]:
+                self.shm_left = frame  # filled chunk by chunk, one descriptor each
+                self.want = memoryview(self.marker)
+                self.on_filled = self._got_marker
+            else:
+                self.want = frame
+                self.on_filled = self._next_frame
+            return
+
+    def _got_marker(self) -> None:
+        pos, n = MARKER.unpack(self.marker)
+        if not 0 < n <= self.shm_left.nbytes:
+            raise ProtocolError(f"a shared-memory chunk of {n} bytes where {self.shm_left.nbytes} are left")
+        self.rx_ring.read(pos, self.shm_left[:n])
+        self.shm_left = self.shm_left[n:]
+        if self.shm_left.nbytes:
+            self.want = memoryview(self.marker)
+        else:
+            del self.shm_left
+            self._next_frame()
+
+    def _advance(self, n: int) -> None:
+        self.want = self.want[n:]
+        if not self.want.nbytes:
+            self.on_filled()
+
+    def on_readable(self) -> bool:
+        """Read what the socket has (a bounded amount); False once the peer has closed."""
+        recv_into = self.sock.recv_into
+        for _ in range(READS_PER_WAKE):
+            if self.want.nbytes >= DIRECT_BYTES:
+                try:
+                    n = recv_into(self.want)
+                except (BlockingIOError, InterruptedError):
+                    return True
+                if not n:
+                    return False
+                self._advance(n)
+                continue
+            try:
+                n = recv_into(self.staging)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if not n:
+                return False
+            pos, staging = 0, self.staging_mv
+            while pos < n:  # every byte read goes where the state machine wants it
+                k = min(self.want.nbytes, n - pos)
+                self.want[:k] = staging[pos:pos + k]
+                pos += k
+                self._advance(k)
+            if n < len(self.staging):
+                return True  # the socket is drained
+        return True
+
+
+class TcpTransport:
+    """A ``tcp`` endpoint (see the module docstring). Extra public API: :meth:`broken`."""
+
+    scheme = "tcp"
+
+    def __init__(self, config: TcpOptions | None = None):
+        self.config = config or TcpConfig()
+        self._queue: queue.Queue = queue.Queue()
+        self._conns: dict[Peer, Connection] = {}
+        self._open: set[Connection] = set()  # connections whose socket is not closed yet
+        self._broken: dict[Peer, str] = {}
+        self._listeners: list[socket.socket] = []
+        self._lock = threading.Lock()  # guards the two dicts, the listeners and the pending list
+        self._pending: list[tuple[str, Any]] = []  # sockets for the receiver thread to watch
+        self._closed = False
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="kvframe-tcp-receiver", daemon=True)
+        self._thread.start()
+
+    # public API --------------------------------------------------------------------------------
+    def listen(self, host: str, port: int = 0) -> str:
+        self._check_open()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(512)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {format_address(host, port)}: {exc}") from exc
+        with self._lock:
+            self._listeners.append(sock)
+        self._watch("listener", sock)
+        return format_address(host, sock.getsockname()[1])
+
+    def connect(self, address: str) -> Peer:
+        host, port = parse_address(address)
+        self._check_open()
+        deadline = time.monotonic() + self.config.connect_timeout
+        sock = self._dial(address, host, port, deadline)
+        conn = self._add(sock, Peer(address, outbound=True))
+        self._connected(conn, deadline)
+        return conn.peer
+
+    def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
+        views = [_byte_view(f, i) for i, f in enumerate(frames)]
+        if not views:
+            raise ValueError("a message needs at least one frame")
+        self._send(self._conn(peer), DATA, views)
+
+    def recv(self, timeout: float | None) -> tuple[Peer, list[memoryview]] | None:
+        try:
+            if timeout is not None and timeout <= 0:
+                item = self._queue.get_nowait()
+            else:
+                item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is None:  # close() woke us
+            self._queue.put(None)
+            return None
+        return item
+
+    def broken(self, peer: Hashable) -> str | None:
+        """Why the connection to ``peer`` broke, or None while it works (or for an unknown handle).
+        ``recv`` never raises for a broken peer; a caller that waits for a reply asks this."""
+        return self._broken.get(peer)  # type: ignore[call-overload]
+
+    def peers(self) -> list[Peer]:
+        """The handles of every connection that works now."""
+        with self._lock:
+            return [p for p, c in self._conns.items() if c.broken is None]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            listeners = list(self._listeners)
+        self._wake()
+        self._thread.join(timeout=2.0)
+        with self._lock:
+            conns = list(self._open)
+        for conn in conns:
+            conn.watched = False  # the receiver thread is gone
+            self._shut(conn, "the endpoint closed")
+        for sock in listeners:
+            sock.close()
+        self._wake_w.close()
+        if not self._thread.is_alive():
+            self._sel.close()
+            self._wake_r.close()
+        self._queue.put(None)
+        self._closed_hook()
+
+    def __enter__(self) -> TcpTransport:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # hooks for transport 'shm' --------------------------------------------------------------------
+    def _connected(self, conn: Connection, deadline: float) -> None:
+        """An outbound connection is up (the caller's thread)."""
+
+    def _on_control(self, conn: Connection, frames: list[memoryview]) -> None:
+        """A control message came (the receiver thread). This endpoint does no shared memory."""
+        if bytes(frames[0]) == b"hello":
+            self._send_control_now(conn, [b"refuse", b"this endpoint is plain tcp"])
+
+    def _uses_shm(self, conn: Connection, nbytes: int) -> bool:
+        return False
+
+    def _send_shm(self, conn: Connection, frame: memoryview) -> None:
+        raise AssertionError("unreachable: no shared memory")
+
+    def _dropped(self, conn: Connection) -> None:
+        """A connection broke or closed (any thread, once)."""
+
+    def _closed_hook(self) -> None:
+        """The endpoint closed."""
+
+    # sending -----------------------------------------------------------------------------------
+    def _conn(self, peer: Hashable) -> Connection:
+        conn = self._conns.get(peer)  # type: ignore[call-overload]
+        if conn is None or conn.broken is not None:
+            reason = self._broken.get(peer) if conn is None else conn.broken  # type: ignore[call-overload]
+            if self._closed:
+                reason = "this endpoint is closed"
+            if reason is None:
+                raise TransportError(f"unknown peer {peer!r}: not a handle from this endpoint's connect or recv")
+            raise TransportError(f"cannot send to {peer}: {reason}")
+        return conn
+
+    def _send(self, conn: Connection, kind: int, views: list[memoryview]) -> None:
+        shm = [kind == DATA and v.nbytes > 0 and self._uses_shm(conn, v.nbytes) for v in views]
+        head = PREFIX.pack(MAGIC, VERSION, kind, 0, len(views)) + struct.pack(
+            f"<{len(views)}Q", *(v.nbytes | SHM_FLAG if s else v.nbytes for v, s in zip(views, shm)))
+        with conn.send_lock:
+            with self._lock:
+                if conn.broken is not None:
+                    raise TransportError(f"cannot send to {conn.peer}: {conn.broken}")
+                conn.sending = True
+            try:
+                batch: list[memoryview] = [memoryview(head)]
+                for v, s in zip(views, shm):
+                    if s:  # the stream so far goes first: the receiver reads in order
+                        self._write(conn, batch)
+                        batch = []
+                        self._send_shm(conn, v)
+                    elif v.nbytes:
+                        batch.append(v)
+                self._write(conn, batch)
+            except TransportError as exc:
+                self._fail(conn, str(exc))
+                raise
+            except OSError as exc:
+                reason = f"the connection broke ({exc.strerror or exc})"
+                self._fail(conn, reason)
+                raise TransportError(f"cannot send to {conn.peer}: {reason}") from exc
+            except BaseException:  # half a message went out: the stream cannot carry another
+                self._fail(conn, "a send was interrupted in the middle of a message")
+                raise
+            finally:
+                with self._lock:
+                    conn.sending = False
+                self._release_socket(conn)
+
+    def _write(self, conn: Connection, bufs: list[memoryview]) -> None:
+        """All of ``bufs`` into the socket (called with the send lock held)."""
+        sock, i, timeout = conn.sock, 0, self.config.send_timeout
+        stalled_since = None
+        while i < len(bufs):
+            try:
+                sent = sock.sendmsg(bufs[i:i + IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > timeout:
+                    raise TransportError(f"cannot send to {conn.peer}: no progress for {timeout} s "
+                                         "(the peer stopped reading)") from None
+                self._wait_writable(conn)
+                continue
+            stalled_since = None
+            while sent:
+                n = bufs[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    bufs[i] = bufs[i][sent:]
+                    sent = 0
+
+    def _wait_writable(self, conn: Connection) -> None:
+        if self._closed or conn.broken is not None:
+            raise TransportError(f"cannot send to {conn.peer}: {conn.broken or 'this endpoint is closed'}")
+        p = select.poll()
+        p.register(conn.sock, select.POLLOUT)
+        p.poll(100)  # wakes now and then to notice close() and a broken connection
+
+    def _send_control_now(self, conn: Connection, frames: list[bytes]) -> None:
+        """A small control message from the receiver thread, which must never wait: not for a send
+        lock a caller holds while the peer reads slowly (two endpoints could deadlock), nor for a
+        peer that does not read (every other peer would starve).  One try, else no message."""
+        if not conn.send_lock.acquire(blocking=False):
+            log.debug("control message to %s skipped: a send is in progress", conn.peer)
+            return
+        try:
+            if conn.broken is not None:
+                return
+            msg = PREFIX.pack(MAGIC, VERSION, CONTROL, 0, len(frames)) + struct.pack(
+                f"<{len(frames)}Q", *map(len, frames)) + b"".join(frames)
+            try:
+                sent = conn.sock.send(msg)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(conn, f"the connection broke ({exc.strerror or exc})")
+                return
+            if sent == 0:
+                log.debug("control message to %s skipped: its socket is full", conn.peer)
+            elif sent < len(msg):  # half a message went out: the stream cannot carry another
+                self._fail(conn, "dropped: it does not read what is sent to it")
+        finally:
+            conn.send_lock.release()  # a failed connection is closed by _pump, which runs next
+
+    # connections -------------------------------------------------------------------------------
+    def _dial(self, address: str, host: str, port: int, deadline: float) -> socket.socket:
+        """Connect, retrying until ``deadline``: servers may start a little after their workers."""
+        delay, last = 0.01, "no attempt"
+        while True:
+            self._check_open()
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                for family, socktype, proto, _, sockaddr in infos:
+                    sock = socket.socket(family, socktype, proto)
+                    try:
+                        sock.settimeout(max(0.05, deadline - time.monotonic()))
+                        sock.connect(sockaddr)
+                        return sock
+                    except OSError as exc:
+                        sock.close()
+                        last = exc.strerror or str(exc)
+            except socket.gaierror as exc:
+                last = f"cannot resolve {host!r}: {exc.strerror}"
+            if time.monotonic() + delay > deadline:
+                raise TransportError(f"cannot connect to {address} within connect_timeout="
+                                     f"{self.config.connect_timeout} s: {last}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _setup(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        if self.config.keepalive:
+            opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        if self.config.thin_linear_timeouts and TCP_THIN_LINEAR_TIMEOUTS is not None:
+            opts.append((socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1))
+        if self.config.socket_buffer_bytes:
+            opts += [(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_buffer_bytes),
+                     (socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.socket_buffer_bytes)]
+        for level, opt, value in opts:
+            try:
+                sock.setsockopt(level, opt, value)
+            except OSError:  # an option this kernel lacks is only an optimization
+                pass
+
+    def _add(self, sock: socket.socket, peer: Peer) -> Connection:
+        self._setup(sock)
+        conn = Connection(self, sock, peer)
+        with self._lock:
+            if self._closed:
+                sock.close()
+                raise TransportError("this endpoint is closed")
+            self._conns[peer] = conn
+            self._open.add(conn)
+            conn.watched = True  # from now until the receiver thread lets go of it
+        if threading.current_thread() is self._thread:
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+        else:
+            self._watch("conn", conn)
+        return conn
+
+    def _fail(self, conn: Connection, reason: str) -> None:
+        """Mark a connection broken. Its socket is shut down at once (a sender blocked on it wakes
+        up) and closed by whoever holds or next takes its send lock, never under a running send."""
+        with self._lock:
+            if conn.broken is not None:
+                return
+            conn.broken = reason
+            self._broken[conn.peer] = reason
+            self._conns.pop(conn.peer, None)
+        log.debug("connection to %s ended: %s", conn.peer, reason)
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._dropped(conn)
+
+    def _shut(self, conn: Connection, reason: str) -> None:
+        self._fail(conn, reason)
+        self._release_socket(conn)
+
+    def _release_socket(self, conn: Connection) -> None:
+        """Close the socket of a broken connection once nothing uses it (see Connection.watched)."""
+        with self._lock:
+            if conn.closed or conn.broken is None or conn.watched or conn.sending:
+                return
+            conn.closed = True
+            self._open.discard(conn)
+        conn.sock.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("this endpoint is closed")
+
+    # the receiver thread -------------------------------------------------------------------------
+    def _watch(self, what: str, obj: Any) -> None:
+        with self._lock:
+            self._pending.append((what, obj))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def _deliver(self, conn: Connection, kind: int, frames: list[memoryview]) -> None:
+        if kind == DATA:
+            self._queue.put((conn.peer, frames))
+        else:
+            self._on_control(conn, frames)
+
+    def _run(self) -> None:
+        sel = self._sel
+        while not self._closed:
+            try:
+                events = sel.select()
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                log.error("tcp receiver thread stops: %s", exc)
+                return
+            for key, _ in events:
+                obj = key.data
+                if obj is None:
+                    self._drain_wake()
+                elif isinstance(obj, Connection):
+                    self._pump(obj)
+                else:
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for what, obj in pending:
+            if what == "listener":
+                self._sel.register(obj, selectors.EVENT_READ, "listener")
+            elif obj.broken is None:
+                self._sel.register(obj.sock, selectors.EVENT_READ, obj)
+            else:  # failed before it was ever watched
+                obj.watched = False
+                self._shut(obj, obj.broken)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                log.warning("accepting a connection failed: %s", exc)
+                return
+            try:
+                self._add(sock, Peer(format_address(addr[0], addr[1]), outbound=False))
+            except TransportError:
+                return
+
+    def _pump(self, conn: Connection) -> None:
+        try:
+            alive = conn.on_readable()
+            reason = None if alive else "closed by the peer"
+        except ProtocolError as exc:
+            reason = f"dropped: {exc}"
+            log.warning("dropping the connection with %s: %s", conn.peer, exc)
+        except OSError as exc:
+            reason = f"the connection broke ({exc.strerror or exc})"
+        except MemoryError:
+            reason = "dropped: out of memory for its message"
+            log.warning("dropping the connection with %s: no memory for its message", conn.peer)
+        except Exception as exc:  # a bug must not stop the thread that serves every other peer
+            reason = f"dropped: {type(exc).__name__}: {exc}"
+            log.exception("dropping the connection with %s", conn.peer)
+        reason = reason or conn.broken  # failed meanwhile, by a send
+        if reason is not None:
+            self._sel.unregister(conn.sock)
+            conn.watched = False
+            self._shut(conn, reason)
+
+
+def make_transport(config: TcpOptions) -> TcpTransport:
+    return TcpTransport(config)
+
+
+@hookimpl
+def kvframe_register_transports(register):
+    register("tcp", make_transport, TcpConfig)
