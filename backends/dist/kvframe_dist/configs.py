@@ -16,7 +16,7 @@ class DistConfig(StoreConfig):
                                                                "all servers (default 1,000,000 or "
                                                                "KVFRAME_BIGARRAY_BOUND)")
     transport: str | None = Field(None, min_length=1, description="the transport plugin of the job (default "
-                                                                  "KVFRAME_TRANSPORT, else tcp); every node of a job "
+                                                                  "KVFRAME_TRANSPORT, else shm); every node of a job "
                                                                   "uses the same")
     reduce_threads: int | None = Field(None, ge=1, le=256, description="threads for the local reduce")
     compress_pulls: bool = Field(False, description="with gradient compression set (a compressor with a threshold, "

@@ -13,7 +13,7 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_RANK | | the rank this node asks for (the launcher sets it; else arrival order) |
 | KVFRAME_INTERFACE | DMLC_INTERFACE | the network interface whose address a server announces |
 | KVFRAME_NODE_HOST | DMLC_NODE_HOST | the address a server binds and announces (wins over the interface) |
-| KVFRAME_TRANSPORT | | the job's transport plugin (default tcp; else ``[store] transport`` of KVFRAME_CONFIG) |
+| KVFRAME_TRANSPORT | | the job's transport plugin (default shm; else ``[store] transport`` of KVFRAME_CONFIG) |
 | KVFRAME_PORT | PORT | a server's port (default: any free one) |
 | KVFRAME_SECRET | | shared secret: every message carries an HMAC-SHA256 of its frames |
 | KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DEFAULT_TRANSPORT = "tcp"
+DEFAULT_TRANSPORT = "shm"  # tcp plus shared memory where a peer proves it shares the host
 
 
 def _get(names: tuple[str, ...], default: str | None = None) -> str | None:

@@ -100,15 +100,28 @@ def split_host(spec: str) -> tuple[str, str, int | None]:
 def default_host_ip(hosts: list[str], interface: str | None) -> str:
     """The scheduler's address that the hosts can reach: the interface's, else the local end of the
     route to the first non-loopback host; 127.0.0.1 only when every host is loopback."""
-    from kvframe_dist.address import advertise_host, is_loopback
+    from kvframe_dist.address import interface_address, is_loopback, route_address
 
-    bare = [split_host(h)[1] for h in hosts]
-    target = next((h for h in bare if not is_loopback(h)), bare[0])
-    try:
-        return advertise_host(target, 22, interface)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"kvframe-launch: cannot tell the scheduler's address for host {target}: {exc}; "
-                         "give --host-ip") from None
+    target = next((h for h in (split_host(s)[1] for s in hosts) if not is_loopback(h)), None)
+    if interface:
+        try:
+            addr = interface_address(interface)
+        except ValueError as exc:
+            raise SystemExit(f"kvframe-launch: --interface {interface}: {exc}") from None
+    elif target is None:
+        return "127.0.0.1"  # every host is this one
+    else:
+        try:
+            socket.getaddrinfo(target, 22)
+            addr = route_address(target, 22)  # picks a route only: nothing is sent
+        except OSError as exc:
+            raise SystemExit(f"kvframe-launch: cannot find this host's address towards {target} "
+                             f"({exc.strerror or exc}); give --host-ip (an address of this host every host "
+                             "can reach)") from None
+    if target is not None and is_loopback(addr):
+        raise SystemExit(f"kvframe-launch: the scheduler would listen on the loopback address {addr}, which "
+                         f"{target} cannot reach; give --host-ip or --interface")
+    return addr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import numpy as np
 from kvframe_local.reduce import Reducer, sum_row_sparse
 
 from kvframe.arrays import RowSparseArray, array_module
-from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError
+from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
 from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.configs import DistConfig
 from kvframe_dist.endpoint import Endpoint, make_transport
@@ -166,15 +166,26 @@ class DistStore(StoreBackend):
             names = ", ".join(sorted(self._hb.closed.values()))
             raise RemoteError(f"worker {self._rank}: cannot complete: {names} closed its store, and a sync round "
                               f"needs a push from each of the {self._num_workers} workers")
+        for server in {r.server for r in self.requests.pending.values()}:
+            why = self.ep.broken(self.servers[server])
+            if why:
+                self._lost(server, why)
+
+    def _lost(self, server: int, why: str) -> None:
+        """The connection to a server broke. The scheduler's verdict, which comes within the
+        heartbeat timeout, names the cause best (a server stops when the scheduler does)."""
+        deadline = time.monotonic() + self.env.heartbeat_timeout + 2 * self.env.heartbeat_interval
+        while self._hb is not None and self._hb.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._check_failure()
+        self._failure = f"lost {self._where(server)}: {why}"
+        raise RemoteError(f"worker {self._rank}: {self._failure}")
 
     def _send(self, server: int, msg: Message) -> None:
         try:
             self.ep.send(self.servers[server], msg)
-        except Exception as exc:
-            self._check_failure()  # a node already declared stopped explains it best
-            why = self.ep.broken(self.servers[server])
-            raise RemoteError(f"worker {self._rank}: cannot reach {self._where(server)} ({msg.op}): "
-                              f"{why or exc}") from None
+        except TransportError as exc:
+            self._lost(server, f"cannot send {msg.op}: {self.ep.broken(self.servers[server]) or exc}")
 
     def _request(self, server: int, op: str, fields: dict, frames: Any = (), what: str = "",
                  on_data: Callable[[Message], None] | None = None) -> Request:
