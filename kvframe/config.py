@@ -43,6 +43,8 @@ class TransportConfig(PluginConfig):
         1 << 34, ge=1 << 16, description="a message larger than this is refused before any of it is buffered")
     connect_timeout: float = pydantic.Field(
         30.0, gt=0, description="seconds to keep trying to reach a peer that does not answer yet")
+    send_timeout: float = pydantic.Field(
+        300.0, gt=0, description="seconds a send may make no progress (the peer stopped reading) before it fails")
 
 
 def error_message(e: Mapping[str, Any]) -> str:

@@ -91,6 +91,13 @@ def test_ssh_command_lines_options_ports_and_variables(tmp_path, monkeypatch):
     hosts.write_text("localhost\n127.0.0.1:2222\n")
     args = launch.parse_args(["-n", "1", "--launcher", "ssh", "-H", str(hosts), "--", "x"])
     assert launch.build(args)[0].env["DMLC_PS_ROOT_URI"] == "127.0.0.1"
+    # never a loopback scheduler for remote hosts (addresses, so that nothing asks a DNS server)
+    hosts.write_text("localhost\n10.255.255.1\n")
+    for iface, why in (("lo", "loopback address 127.0.0.1, which 10.255.255.1 cannot reach"),
+                       ("no-such-if0", "--interface no-such-if0: this host has no interface")):
+        args = launch.parse_args(["-n", "1", "--launcher", "ssh", "-H", str(hosts), "--interface", iface, "--", "x"])
+        with pytest.raises(SystemExit, match=why):
+            launch.build(args)
 
 
 def test_mpi_command_lines_carry_ssh_options_and_names(tmp_path, monkeypatch):
@@ -110,13 +117,18 @@ def test_mpi_command_lines_carry_ssh_options_and_names(tmp_path, monkeypatch):
 def test_mpi_output_is_prefixed_per_rank():
     import io
 
+    partial: dict = {}
+    # an unbuffered print arrives as two chunks, each tagged; other ranks may come in between
+    assert launch.mpi_lines('[1,0]<stdout>:{"a": 1}[1,1]<stdout>:b[1,0]<stdout>:', partial) == [("0", '{"a": 1}')]
+    assert launch.mpi_lines("[1,1]<stdout>:c", partial) == [("1", "bc")] and partial == {}
+    assert launch.mpi_lines("mpirun: a message", partial) == [(None, "mpirun: a message")]
+    assert launch.mpi_lines("", partial) == [(None, "")]
     out = io.StringIO()
-    proc = launch.Proc("workers", ["sh", "-c", "echo '[1,0]<stdout>:hello'; echo '[1,1]<stderr>:oops'; echo plain"],
-                       mpi_role="worker")
-    launcher = launch.Launcher([proc], grace=1, out=out)
+    script = "printf '[1,0]<stdout>:hel'; printf '[1,0]<stdout>:lo\\n[1,1]<stderr>:oops\\nplain\\n[1,1]<stdout>:end'"
+    launcher = launch.Launcher([launch.Proc("workers", ["sh", "-c", script], mpi_role="worker")], grace=1, out=out)
     launcher.start()
     assert launcher.wait() == 0
-    assert out.getvalue().splitlines() == ["[worker 0] hello", "[worker 1] oops", "[workers] plain"]
+    assert out.getvalue().splitlines() == ["[worker 0] hello", "[worker 1] oops", "[workers] plain", "[worker 1] end"]
 
 
 def _alive(pid: int) -> bool:
@@ -147,8 +159,9 @@ def test_remote_command_passes_the_status_and_dies_with_its_stdin(tmp_path, shel
         assert p.wait(10) == 7                       # the command's status, with stdin still open
     finally:
         p.stdin.close()
-    # a command (with a child of its own that ignores SIGHUP) held until its stdin, the ssh session, closes
-    cmd = launch.remote_command(str(tmp_path), {}, ["sh", "-c", "trap '' HUP; sleep 60 & echo $$ $!; wait"])
+    # a command held until its stdin, the ssh session, closes; it and its child ignore SIGHUP and SIGTERM,
+    # so only the watcher's SIGKILL, 3 s after its SIGTERM, stops them
+    cmd = launch.remote_command(str(tmp_path), {}, ["sh", "-c", "trap '' HUP TERM; sleep 60 & echo $$ $!; wait"])
     p = subprocess.Popen([shell, "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -276,7 +289,10 @@ class Run:
     def probe(self, who: str) -> dict:
         got = self.of(who, "PROBE")
         assert len(got) == 1, (who, self.out)
-        return json.loads(got[0])
+        try:
+            return json.loads(got[0])
+        except ValueError:
+            raise AssertionError(f"{who}: {got[0]!r}\n{self.out}") from None
 
     def wait_for(self, pred, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -303,6 +319,14 @@ def _start(cluster: Cluster, args: list[str], env: dict | None = None) -> Run:
 
     threading.Thread(target=read, daemon=True).start()
     return run
+
+
+def _abort(run: Run) -> None:
+    """After a failed check: the launcher and every process of the job killed, nothing asserted."""
+    run.popen.kill()
+    run.popen.wait(10)
+    for pid in _wait_gone(_leftovers(run.token), 6):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _finish(cluster: Cluster, run: Run, timeout: float) -> int:
@@ -335,6 +359,7 @@ def _fake_python(tmp_path: Path) -> str:
     return str(f)
 
 
+@pytest.mark.slow
 def test_ssh_launcher_starts_each_process_on_its_host_with_the_job_variables(cluster, tmp_path):
     h = cluster.hosts
     hostfile = _hostfile(tmp_path, [f"{h[1].ip}:{SSH_PORT}", f"root@{h[2].ip}:{SSH_PORT}"])
@@ -377,6 +402,7 @@ def _ssh_clients(token: str) -> dict[str, int]:
     return found
 
 
+@pytest.mark.slow
 def test_remote_processes_die_with_their_ssh_and_with_the_launcher(cluster, tmp_path):
     h = cluster.hosts
     hostfile = _hostfile(tmp_path, [h[1].ip, h[2].ip])
@@ -395,8 +421,10 @@ def test_remote_processes_die_with_their_ssh_and_with_the_launcher(cluster, tmp_
         assert sorted(ssh) == names, ssh
         os.kill(ssh["worker 0"], signal.SIGKILL)
         assert _wait_gone([remote["worker 0"]], 5) == [], "worker 0 outlived its ssh"
-    finally:
-        rc = _finish(cluster, run, 30)
+    except BaseException:
+        _abort(run)
+        raise
+    rc = _finish(cluster, run, 30)
     assert rc == 137 and "[kvframe-launch] worker 0 exited with status 137" in run.out, run.out
     assert _wait_gone(list(remote.values()), 1) == []
 
@@ -408,10 +436,7 @@ def test_remote_processes_die_with_their_ssh_and_with_the_launcher(cluster, tmp_
         run.popen.kill()
         assert _wait_gone(list(remote.values()), 8) == [], "remote processes outlived the launcher"
     finally:
-        for pid in _leftovers(run.token):          # the local scheduler has no watcher: it is the test's to stop
-            if "scheduler" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"):
-                os.kill(pid, signal.SIGKILL)
-        _finish(cluster, run, 10)
+        _abort(run)  # also the local scheduler: a launcher killed outright cannot stop its own children
 
 
 def _check_sums(run: Run, placement: dict) -> None:
@@ -427,6 +452,7 @@ def _check_sums(run: Run, placement: dict) -> None:
         assert res["big_sum"] == 3.0 * big * (big - 1) / 2, res
 
 
+@pytest.mark.slow
 def test_ssh_job_sums_across_hosts(cluster, tmp_path):
     """The whole job over ssh: scheduler on host 0, a server and a worker on each of hosts 1 and 2;
     only the launcher's variables tell the roles where they are."""
@@ -457,6 +483,7 @@ def mpi(cluster):
 
 
 
+@pytest.mark.slow
 def test_mpi_launcher_starts_each_rank_on_its_host(mpi, tmp_path):
     h = mpi.hosts
     hostfile = _hostfile(tmp_path, [f"{h[1].ip} slots=1", f"{h[2].ip} slots=1"])
@@ -475,6 +502,7 @@ def test_mpi_launcher_starts_each_rank_on_its_host(mpi, tmp_path):
                 env["KVFRAME_TEST_TOKEN"]) == (role, root, rank, "1", run.token), (who, pr)
 
 
+@pytest.mark.slow
 def test_mpi_job_sums_across_hosts(mpi, tmp_path):
     h = mpi.hosts
     hostfile = _hostfile(tmp_path, [f"{h[1].ip} slots=1", f"{h[2].ip} slots=1"])
@@ -485,6 +513,7 @@ def test_mpi_job_sums_across_hosts(mpi, tmp_path):
     _check_sums(run, {"worker 0": h[1].ip, "worker 1": h[2].ip})
 
 
+@pytest.mark.slow
 def test_mpi_ranks_stop_with_their_mpirun(mpi, tmp_path):
     h = mpi.hosts
     hostfile = _hostfile(tmp_path, [f"{h[1].ip} slots=1", f"{h[2].ip} slots=1"])
@@ -500,8 +529,10 @@ def test_mpi_ranks_stop_with_their_mpirun(mpi, tmp_path):
         assert len(mpirun) == 1, mpirun
         os.kill(mpirun[0], signal.SIGKILL)          # its orteds lose their lifeline and stop their ranks
         assert _wait_gone([remote["worker 0"], remote["worker 1"]], 10) == [], "ranks outlived their mpirun"
-    finally:
-        rc = _finish(mpi, run, 30)
+    except BaseException:
+        _abort(run)
+        raise
+    rc = _finish(mpi, run, 30)
     assert rc == 137 and "[kvframe-launch] workers exited with status 137" in run.out, run.out
     assert _wait_gone(list(remote.values()), 1) == []   # the servers' mpirun stopped by the launcher
 

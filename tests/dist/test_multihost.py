@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow,
               pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable()))]
 
 HB_INTERVAL, HB_TIMEOUT = 0.5, 4.0
+LINK_MARGIN = 10.0  # (d): every process must have stopped HB_TIMEOUT + this after the link went down
 PORT = 9091
 SCHED, SERVERS, WORKERS = 0, (1, 2), (3, 4)
 TRANSPORTS = ("tcp", "zmq", "shm")
@@ -94,7 +95,7 @@ class JobResult:
         return [p for p in self.procs if p.name.startswith("worker")]
 
     def dump(self) -> str:
-        head = f"=== the job ran past {self.timed_out:g} s and was killed\n" if self.timed_out else ""
+        head = f"=== the job ran past {self.timed_out:.1f} s and was stopped\n" if self.timed_out else ""
         return head + "\n".join(f"--- {p.name} ({self.ips[p.host]}) rc={p.popen.returncode} ended={p.ended}\n{p.out}"
                          for p in self.procs)
 
@@ -115,7 +116,8 @@ def run_job(kvtype: str = "dist_sync", transport: str | None = None, interface: 
     with Hosts(5, hostnames=True) as hosts:
         common = {"DMLC_PS_ROOT_URI": hosts[SCHED].ip, "DMLC_PS_ROOT_PORT": str(PORT), "DMLC_NUM_SERVER": "2",
                   "DMLC_NUM_WORKER": "2", "KVFRAME_HEARTBEAT_INTERVAL": str(HB_INTERVAL),
-                  "KVFRAME_HEARTBEAT_TIMEOUT": str(HB_TIMEOUT), "PYTHONUNBUFFERED": "1", **(extra or {})}
+                  "KVFRAME_HEARTBEAT_TIMEOUT": str(HB_TIMEOUT), "PYTHONUNBUFFERED": "1",
+                  "PYTHONFAULTHANDLER": "1", **(extra or {})}  # SIGABRT: every thread's stack, for hangs
         if interface:
             common["DMLC_INTERFACE"] = "eth0"
         if transport:
@@ -153,6 +155,9 @@ def run_job(kvtype: str = "dist_sync", transport: str | None = None, interface: 
                 time.sleep(1)  # let the others say why, then stop: the job has failed
                 result.timed_out = None
                 break
+            if result.link_down_at is not None and now > result.link_down_at + HB_TIMEOUT + LINK_MARGIN + 2:
+                result.timed_out = now  # no need to wait for the full deadline: the check has failed
+                break
             if link_down and result.link_down_at is None and \
                     all(any(ev["n"] >= 3 for ev in w.events("round")) for w in result.workers):
                 hosts.set_link(WORKERS[1], False, side=link_down)
@@ -163,7 +168,17 @@ def run_job(kvtype: str = "dist_sync", transport: str | None = None, interface: 
         for p in procs:
             if p.ended is None and p.popen.poll() is not None:
                 p.ended = time.monotonic() - t0
-            if p.popen.poll() is None:  # past the deadline, or the job failed: stop it, keep what it said
+        hung = [p for p in procs if p.popen.poll() is None]
+        for p in hung:  # past the deadline, or the job failed: its stacks (faulthandler), then kill it
+            p.lines.append((time.monotonic() - t0, "=== still running: SIGABRT for its stacks"))
+            os.kill(p.popen.pid, signal.SIGABRT)
+        end = time.monotonic() + 3
+        for p in hung:
+            try:
+                p.popen.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if p.popen.poll() is None:
                 os.killpg(p.popen.pid, signal.SIGKILL)
         for t in readers:
             t.join(5)
@@ -239,7 +254,6 @@ def test_link_down_mid_job_names_the_culprit(side):
     """Worker host 4's link goes down after 3 rounds ('host': ``ip link set eth0 down`` there;
     'switch': its bridge port, as a pulled cable).  Everyone must stop, non-zero, within the
     heartbeat timeout plus a margin; the others name that worker, the worker its own link."""
-    margin = 10.0
     res = run_job("dist_sync", link_down=side, timeout=60)
     assert res.link_down_at is not None, f"the workers never reached round 3\n{res.dump()}"
     iso = next(w for w in res.workers if w.host == res.isolated)
@@ -250,7 +264,7 @@ def test_link_down_mid_job_names_the_culprit(side):
         assert p.ended is not None, f"{p.name} still ran {res.dump()}"
         assert p.popen.returncode not in (0, None), f"{p.name} exited 0 after the link went down\n{res.dump()}"
         took = p.ended - res.link_down_at
-        assert took <= HB_TIMEOUT + margin, f"{p.name} took {took:.1f} s to stop\n{res.dump()}"
+        assert took <= HB_TIMEOUT + LINK_MARGIN, f"{p.name} took {took:.1f} s to stop\n{res.dump()}"
         if p is iso:
             # e.g. address.describe_link's "this host's link eth0 (10.213.0.5) is down"
             said = rf"\beth0 \({re.escape(res.ips[iso.host])}\) is down"

@@ -31,6 +31,7 @@ import mmap
 import os
 import re
 import secrets
+import socket
 import stat
 import struct
 import threading
@@ -43,7 +44,7 @@ from pydantic import Field
 from kvframe import hookimpl
 from kvframe.errors import TransportError
 from kvframe_transports import tcp
-from kvframe_transports.tcp import CONTROL, Connection, Peer, ProtocolError, TcpOptions, TcpTransport
+from kvframe_transports.tcp import CONTROL, Connection, Peer, ProtocolError, TcpOptions, TcpTransport, parse_address
 
 log = logging.getLogger("kvframe_transports")
 
@@ -181,6 +182,24 @@ class Ring:
             pass
 
 
+def _local_address(address: str) -> bool:
+    """Whether ``address`` is one of this host's own (only then can the peer share its memory). A
+    socket binds only to a local address, so binding answers without sending anything."""
+    try:
+        host, _ = parse_address(address)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except (OSError, ValueError):
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -216,8 +235,8 @@ class ShmTransport(TcpTransport):
 
     # the handshake, connecting side (the caller's thread) ----------------------------------------
     def _connected(self, conn: Connection, deadline: float) -> None:
-        if self.shm_directory is None:
-            return
+        if self.shm_directory is None or not _local_address(conn.peer.address):
+            return  # another host cannot share memory: no file is made for it
         try:
             ring, token = Ring.create(self.shm_directory, self.config.ring_bytes)
         except OSError as exc:

@@ -65,8 +65,6 @@ class TcpOptions(TransportConfig):
     """Socket options shared by 'tcp' and 'shm'."""
 
     max_frames: int = Field(1 << 16, ge=1, le=1 << 20, description="a message with more frames is refused")
-    send_timeout: float = Field(
-        300.0, gt=0, description="seconds a send may make no progress (the peer stopped reading) before it fails")
     socket_buffer_bytes: int | None = Field(
         None, ge=4096, le=1 << 30, description="SO_SNDBUF and SO_RCVBUF; None keeps the kernel's autotuning")
     keepalive: bool = Field(True, description="TCP keepalive, so that a vanished host is noticed")

@@ -20,6 +20,12 @@ from kvframe_dist.wire import BadMessage, Message, decode, encode
 
 log = logging.getLogger("kvframe_dist")
 
+def role_transport(env: Any) -> Transport:
+    """The job's transport for a role: a send that makes no progress for twice the heartbeat
+    timeout fails (the peer is gone), so no role stays blocked on a dead link."""
+    return make_transport(env.transport, {"send_timeout": max(2 * env.heartbeat_timeout, 5.0)})
+
+
 def make_transport(name: str, options: dict[str, Any] | None = None) -> Transport:
     """A transport plugin built from its validated config."""
     config = validate_plugin_config("transports", {"type": name, **(options or {})}, f"transport {name!r}")

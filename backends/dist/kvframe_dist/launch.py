@@ -239,9 +239,9 @@ def remote_command(cwd: str, env: dict[str, str], cmd: list[str]) -> str:
     gets SIGTERM, then SIGKILL.  The command's exit status is ssh's."""
     envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
     # the command runs in the background (stdin /dev/null, as POSIX gives an async list); fd 3 keeps
-    # the session's stdin for the watcher, which ignores the TERM it sends to its own group
+    # the session's stdin for the watcher, which outlives the TERM it sends to its own group
     return (f"cd {shlex.quote(cwd)} && env {envs} {shlex.join(cmd)} & p=$!; exec 3<&0; "
-            "(trap "" TERM; while read -r _ <&3; do :; done; kill -TERM 0; sleep 3; kill -KILL 0) & w=$!; "
+            "(trap : TERM; while read -r _ <&3; do :; done; kill -TERM 0; sleep 3; kill -KILL 0) & w=$!; "
             "wait $p; rc=$?; kill -KILL $w 2>/dev/null; exit $rc")
 
 

@@ -11,11 +11,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from kvframe.errors import KVTimeoutError, RemoteError
 from kvframe_dist.address import interface_of, link_state, route_address
-from kvframe_dist.endpoint import Endpoint, make_transport
+from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv
 from kvframe_dist.wire import Message
 
@@ -79,13 +79,14 @@ class Heartbeat(threading.Thread):
     """A worker's heartbeat thread, on an endpoint of its own. It records the first failure it
     learns of (a node declared stopped, or a silent scheduler) in ``failure``."""
 
-    def __init__(self, env: NodeEnv, role: str, rank: int):
+    def __init__(self, env: NodeEnv, role: str, rank: int, on_failure: Callable[[], None] | None = None):
         super().__init__(name=f"kvframe-heartbeat-{role}{rank}", daemon=True)
         self.env, self.role, self.rank = env, role, rank
+        self.on_failure = on_failure  # e.g. close the node's own endpoint: a send blocked on a dead link ends
         self.failure: str | None = None
         self.closed: dict[int, str] = {}  # workers that closed their store: rank -> name
         self._stop_ev = threading.Event()
-        self.ep = Endpoint(make_transport(env.transport), env.secret, f"{role} {rank} heartbeat")
+        self.ep = Endpoint(role_transport(env), env.secret, f"{role} {rank} heartbeat")
         self.sched = self.ep.connect(env.scheduler_addr)
         self.mine = own_address(env)
 
@@ -96,6 +97,8 @@ class Heartbeat(threading.Thread):
         if self.failure is None:
             self.failure = text
             log.error("%s %d: %s", self.role, self.rank, text)
+            if self.on_failure is not None:
+                self.on_failure()
 
     def run(self) -> None:
         env = self.env

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from kvframe.errors import TransportError
 from kvframe_dist.address import is_loopback
-from kvframe_dist.endpoint import Endpoint, make_transport
+from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, run_role
 from kvframe_dist.wire import Message
 
@@ -48,7 +48,7 @@ class Node:
 class Scheduler:
     def __init__(self, env: NodeEnv):
         self.env = env
-        self.ep = Endpoint(make_transport(env.transport), env.secret, "scheduler")
+        self.ep = Endpoint(role_transport(env), env.secret, "scheduler")
         # the scheduler binds the address it is known by (DMLC_PS_ROOT_URI), never every interface
         self.addr = self.ep.listen("127.0.0.1" if env.root_uri == "localhost" else env.root_uri, env.root_port)
         self.nodes: dict[Hashable, Node] = {}

@@ -28,7 +28,7 @@ from kvframe.arrays import RowSparseArray
 from kvframe.config import validate_plugin_config
 from kvframe.errors import TransportError
 from kvframe_dist.address import advertise_host
-from kvframe_dist.endpoint import Endpoint, make_transport
+from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, run_role
 from kvframe_dist.membership import own_address, register, silent_scheduler
 from kvframe_dist.rounds import RoundTable, Slot
@@ -82,7 +82,7 @@ def _array(frame: Any, dtype: np.dtype, count: int | None, what: str) -> np.ndar
 class Server:
     def __init__(self, env: NodeEnv):
         self.env = env
-        self.ep = Endpoint(make_transport(env.transport), env.secret, "server")
+        self.ep = Endpoint(role_transport(env), env.secret, "server")
         host = env.node_host or advertise_host(env.root_uri, env.root_port, env.interface)
         self.addr = self.ep.listen(host, env.port)
         self.sched = self.ep.connect(env.scheduler_addr)
@@ -209,16 +209,20 @@ class Server:
     def _apply(self, slot: Slot) -> None:
         """A round is complete: run the optimizer on the sum, or store the sum."""
         values = slot.pending
-        if self.updater is None and len(values) == 2 and type(values[0]) is np.ndarray \
+        # kvframe-torch (allreduce, worker-side optimizers): sum-only keys ('__sum__/...', the rule of
+        # kvframe.sumkeys) are summed and stored, never given to the optimizer
+        from kvframe.sumkeys import is_sum_key
+        updater = None if is_sum_key(slot.key) else self.updater
+        if updater is None and len(values) == 2 and type(values[0]) is np.ndarray \
                 and type(values[1]) is np.ndarray and values[0].size < self.reducer.bigarray_bound:
             np.add(values[0], values[1], out=slot.data.reshape(-1))  # the common small case, without the pool
             return
-        if self.updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
+        if updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
             self.reducer.sum_into(slot.data.reshape(-1), values)
             return
         merged = self._merged(slot)
-        if self.updater is not None:
-            self.updater(slot.key, merged, slot.data)
+        if updater is not None:
+            updater(slot.key, merged, slot.data)
         elif isinstance(merged, RowSparseArray):
             slot.data[...] = 0
             slot.data[merged.indices] = merged.data

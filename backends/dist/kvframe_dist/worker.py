@@ -24,7 +24,7 @@ from kvframe.arrays import RowSparseArray, array_module
 from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
 from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.configs import DistConfig
-from kvframe_dist.endpoint import Endpoint, make_transport
+from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, node_env, role_from_env
 from kvframe_dist.membership import Heartbeat, register
 from kvframe_dist.requests import Request, Requests
@@ -112,7 +112,7 @@ class DistStore(StoreBackend):
         self._mirrors: dict[tuple[int, int], np.ndarray] = {}  # compressed pulls: this worker's copy per shard
         self._compressor: Any = None
         self._hb: Heartbeat | None = None
-        self.ep = Endpoint(make_transport(env.transport), env.secret, "worker")
+        self.ep = Endpoint(role_transport(env), env.secret, "worker")
         self.requests = Requests("worker")
         try:
             self.sched = self.ep.connect(env.scheduler_addr)
@@ -124,7 +124,7 @@ class DistStore(StoreBackend):
             self.ep.owner = self.requests.owner = f"worker {self._rank}"
             self.servers: list[Hashable] = [self.ep.connect(a) for a in self.server_addrs]
             self._server_of = {peer: i for i, peer in enumerate(self.servers)}
-            self._hb = Heartbeat(env, "worker", self._rank)
+            self._hb = Heartbeat(env, "worker", self._rank, on_failure=self.ep.close)
         except BaseException:
             self.ep.close()
             raise
@@ -196,7 +196,11 @@ class DistStore(StoreBackend):
 
     def _pump(self, timeout: float) -> None:
         """Handle every message that is there (waiting up to ``timeout`` s for the first)."""
-        got = self.ep.recv(timeout)
+        try:
+            got = self.ep.recv(timeout)
+        except TransportError:  # the endpoint was closed: the heartbeat thread knows why
+            self._check_failure()
+            raise
         while got is not None:
             peer, msg = got
             server = self._server_of.get(peer)
