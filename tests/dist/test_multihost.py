@@ -272,3 +272,23 @@ def test_link_down_mid_job_names_the_culprit(side):
             assert not re.search(r"scheduler\b[^\n]*\bstopped", p.out), f"{p.name} blames the scheduler\n{res.dump()}"
         else:
             assert culprit in p.out, f"{p.name} does not name {culprit!r}\n{res.dump()}"
+
+
+# -- a server that announces loopback to a scheduler on another host ------------------------------
+def test_a_server_announcing_loopback_is_refused_with_the_variable_to_set():
+    """The first build: servers announced tcp://127.0.1.1 and the workers timed out 120 s later.
+    Now the scheduler refuses the registration and the server exits at once saying what to set."""
+    with Hosts(2, hostnames=True) as hosts:
+        env = {"DMLC_PS_ROOT_URI": hosts[0].ip, "DMLC_PS_ROOT_PORT": str(PORT), "DMLC_NUM_SERVER": "1",
+               "DMLC_NUM_WORKER": "1", "KVFRAME_CONNECT_TIMEOUT": "20"}
+        sched = hosts.popen(0, [sys.executable, "-m", "kvframe_dist", "--role", "scheduler"],
+                            {**env, "DMLC_ROLE": "scheduler"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+        t0 = time.monotonic()
+        server = hosts.run(1, [sys.executable, "-m", "kvframe_dist", "--role", "server"],
+                           {**env, "DMLC_ROLE": "server", "DMLC_NODE_HOST": "127.0.0.1"}, timeout=30)
+        took = time.monotonic() - t0
+        sched.kill()
+        out = server.stdout + server.stderr
+        assert server.returncode != 0 and took < 15, (took, out)
+        assert "loopback address tcp://127.0.0.1:" in out and "DMLC_INTERFACE" in out, out

@@ -26,7 +26,7 @@ from kvframe_local.reduce import Reducer
 from kvframe import plugins
 from kvframe.arrays import RowSparseArray
 from kvframe.config import validate_plugin_config
-from kvframe.errors import TransportError
+from kvframe.errors import KVFrameError
 from kvframe_dist.address import advertise_host
 from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, run_role
@@ -416,11 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     def serve(env: NodeEnv) -> int:
         load_extra_plugins()
         try:
-            server = Server(env)
-        except (TransportError, ValueError, OSError) as exc:
+            return Server(env).run()
+        except (KVFrameError, ValueError, OSError) as exc:  # refused, unreachable, or a bad address
             log.error("server: cannot start: %s", exc)
             return 1
-        return server.run()
 
     return run_role("server", serve)
 
