@@ -45,6 +45,12 @@ class TransportConfig(PluginConfig):
         30.0, gt=0, description="seconds to keep trying to reach a peer that does not answer yet")
     send_timeout: float = pydantic.Field(
         300.0, gt=0, description="seconds a send may make no progress (the peer stopped reading) before it fails")
+    max_first_message_bytes: int = pydantic.Field(
+        1 << 16, ge=1024, description="the first message on an accepted connection (a handshake, before the peer "
+        "is authenticated) larger than this is refused before it is buffered")
+    max_queued_bytes: int = pydantic.Field(
+        1 << 30, ge=1 << 16, description="received messages waiting for recv() beyond this many bytes make the "
+        "transport stop reading until recv() catches up (the senders slow down; memory stays bounded)")
 
 
 def error_message(e: Mapping[str, Any]) -> str:

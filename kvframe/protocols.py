@@ -56,7 +56,13 @@ class Transport(Protocol):
     Peers are opaque hashable handles: ``connect`` returns one, ``recv`` returns the handle of the
     sender (for a peer this endpoint connected to, the very handle ``connect`` returned), and
     ``send`` takes either. One thread uses an instance at a time; ``close`` may come from any.
-    Every message larger than ``config.max_message_bytes`` is refused before it is buffered.
+    Every message larger than ``config.max_message_bytes`` is refused before it is buffered, and
+    so is a first message on an accepted connection larger than ``config.max_first_message_bytes``;
+    messages waiting for ``recv`` never hold more than about ``config.max_queued_bytes``.
+
+    Transports may also offer ``broken(peer) -> str | None`` (why a connection broke),
+    ``disconnect(peer)`` (drop a peer that failed authentication: nothing more is read from it)
+    and ``shared_memory_peers()``; the roles use them where present.
     """
 
     config: Any  # a kvframe.config.TransportConfig
