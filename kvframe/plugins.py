@@ -40,7 +40,9 @@ KNOWN_DISTRIBUTIONS = {
     "dist_sync": "kvframe-dist",
     "dist_device_sync": "kvframe-dist",
     "dist_async": "kvframe-dist",
-    "zmq": "kvframe-dist",
+    "tcp": "kvframe-transports",
+    "shm": "kvframe-transports",
+    "zmq": "kvframe-transports",
 }
 KIND_DISTRIBUTIONS = {"compressors": "kvframe-compressors", "optimizers": "kvframe-optimizers"}
 

@@ -129,12 +129,13 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
             u = urlsplit(addr)
             with socket.create_connection((u.hostname, u.port)) as raw:   # bytes that are no message at all
                 raw.sendall(b"garbage" * 100)
+            from kvframe_dist.endpoint import Refused
             def endpoint(secret):
                 ep = Endpoint(make_transport(os.environ.get("KVFRAME_TRANSPORT", "tcp")), secret, "test")
                 return ep, ep.connect(addr)
-            wrong, ws = endpoint(b"not-the-secret")
-            wrong.send(ws, Message("push", {"id": 2, "keys": [0], "sync": True}, [np.ones(10, np.float32)]))
-            assert wrong.recv(0.5) is None, "an unauthenticated request got an answer"
+            for secret in (b"not-the-secret", None):   # the refused peer learns why
+                exc = expect_raises(Refused, endpoint, secret, match="authentication failed")
+                print("REFUSED", exc)
             good, gs = endpoint(os.environ["KVFRAME_SECRET"].encode())
             def ask(op, fields, frames=()):
                 good.send(gs, Message(op, fields, list(frames)))
@@ -158,18 +159,15 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
                 reply = ask(op, fields, frames)
                 assert reply.op == "error" and words in reply["msg"], (op, fields, reply)
                 assert reply.get("id") == fields.get("id"), reply
-            # messages that break the wire format are dropped: no answer, the server keeps serving
-            import hashlib, hmac, struct
-            def signed(*frames):   # the documented MAC: HMAC-SHA256 over each frame's u64 length and bytes
-                h = hmac.new(os.environ["KVFRAME_SECRET"].encode(), digestmod=hashlib.sha256)
-                for f in frames:
-                    h.update(struct.pack("<Q", len(f)) + f)
-                return [*frames, h.digest()]
+            # messages that break the wire format (signed in the session) are dropped: no answer
+            from kvframe_dist import wire
+            session = good._sessions[gs]
             for header in (b'KVF\x02{"op": "frobnicate", "id": 9}', b"KVF\x02" + b"[" * 100000, b"KVF\x01{}"):
-                good.transport.send(gs, signed(header))
+                good.transport.send(gs, [header, wire._mac(session.send_key, session.send_seq, [header])])
+                session.send_seq += 1
             assert good.recv(0.5) is None
             st = kv.backend.server_stats()[0]
-            assert st["dropped"] >= 4 and st["errors"] == len(bad), st
+            assert st["dropped"] >= 5 and st["errors"] == len(bad), st
             print("server 0 dropped", st["dropped"], "and refused", st["errors"])
         kv.barrier()
         out = np.empty(10, np.float32)
@@ -179,6 +177,46 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
     """, env={"KVFRAME_SECRET": "s3cret"})
     assert_ok(job)
     assert "bad MAC" in job.out
+
+
+def test_replayed_messages_have_no_effect(tmp_path):
+    """A captured push, sent again on its connection or on a new one, changes nothing and stalls
+    nothing (the first build applied it twice and stalled a worker for 40 s)."""
+    job = run_job(tmp_path, """
+        from kvframe_dist.endpoint import Endpoint, make_transport
+        kv.init(0, np.zeros(4, np.float32))
+        sent = []
+        transport = kv.backend.ep.transport
+        real_send = transport.send
+        def recording_send(peer, frames):   # what an eavesdropper on the link would capture
+            sent.append((peer, [bytes(memoryview(f).cast("B")) for f in frames]))
+            real_send(peer, frames)
+        transport.send = recording_send
+        out = np.empty(4, np.float32)
+        kv.pushpull(0, np.full(4, 1.0 + rank, np.float32), out=out)
+        assert (out == 3).all(), out
+        transport.send = real_send
+        kv.barrier()
+        if rank == 0:
+            for peer, frames in sent:                 # again, on the same connections
+                real_send(peer, frames)
+            other = make_transport(os.environ.get("KVFRAME_TRANSPORT", "tcp"))
+            for peer, frames in sent:                 # and on new connections, with no handshake
+                other.send(other.connect(kv.backend.ep.name(peer)), frames)
+            time.sleep(0.5)
+            other.close()
+        kv.barrier()
+        kv.pull(0, out=out)
+        assert (out == 3).all(), out                 # no replayed push was summed
+        t0 = time.monotonic()
+        kv.pushpull(0, np.full(4, 10.0, np.float32), out=out)
+        assert (out == 20).all() and time.monotonic() - t0 < 2, out   # and no round was disturbed
+        if rank == 0:
+            st = kv.backend.server_stats()
+            assert sum(s["dropped"] for s in st) >= 2, st
+        print("DONE")
+    """, env={"KVFRAME_SECRET": "replay-test"})
+    assert_ok(job)
 
 
 def test_launcher_exits_with_the_first_failing_code_and_stops_the_rest(tmp_path):

@@ -2,8 +2,9 @@
 each host with its own address on a bridge and its own private /dev/shm.
 
 Topology: scheduler on host 0, servers on hosts 1 and 2, workers on hosts 3 and 4.  Every process
-gets MXNet's variables only (DMLC_ROLE, DMLC_PS_ROOT_URI = host 0's address, DMLC_PS_ROOT_PORT,
-DMLC_NUM_SERVER=2, DMLC_NUM_WORKER=2, DMLC_INTERFACE=eth0) plus short heartbeats; servers and the
+gets MXNet's variables (DMLC_ROLE, DMLC_PS_ROOT_URI = host 0's address, DMLC_PS_ROOT_PORT,
+DMLC_NUM_SERVER=2, DMLC_NUM_WORKER=2, DMLC_INTERFACE=eth0), the job's secret (KVFRAME_SECRET; or
+KVFRAME_INSECURE=1 and nothing else, in one test) and short heartbeats; servers and the
 scheduler run ``python -m kvframe_dist --role ...``, workers tests/dist/multihost_worker.py.
 
 KVFRAME_TEST_NODE_HOST=1 (an infrastructure check for a backend that does not find its address
@@ -109,7 +110,8 @@ def _reader(proc: Proc, t0: float) -> None:
 
 
 def run_job(kvtype: str = "dist_sync", transport: str | None = None, interface: bool = True, rounds: int = 5,
-            link_down: str | None = None, extra: dict | None = None, timeout: float = 60) -> JobResult:
+            link_down: str | None = None, extra: dict | None = None, timeout: float = 60,
+            secret: str | None = "multihost-test-secret") -> JobResult:
     """Runs one job on 5 simulated hosts; kills everything after ``timeout`` s or as soon as a process
     fails (unless a link is taken down).  ``link_down``: 'host' or 'switch' side of worker host 4's
     link goes down once both workers have done 3 rounds (the workers push until the job fails)."""
@@ -120,6 +122,8 @@ def run_job(kvtype: str = "dist_sync", transport: str | None = None, interface: 
                   "PYTHONFAULTHANDLER": "1", **(extra or {})}  # SIGABRT: every thread's stack, for hangs
         if interface:
             common["DMLC_INTERFACE"] = "eth0"
+        if secret is not None:
+            common["KVFRAME_SECRET"] = secret
         if transport:
             common["KVFRAME_TRANSPORT"] = transport
         work = {"KVTYPE": kvtype, "ROUNDS": str(rounds), "MODE": "forever" if link_down else "sums"}
@@ -247,6 +251,17 @@ def test_route_discovery_without_interface():
     assert_sums(res)
 
 
+def test_mxnet_variables_alone_with_an_explicit_opt_out_of_authentication():
+    """MXNet's variables alone launch a multi-host job once the user says KVFRAME_INSECURE=1;
+    without it (and without a secret) every role refuses to start, naming both variables."""
+    res = run_job("dist_sync", interface=False, secret=None, extra={"KVFRAME_INSECURE": "1"})
+    assert_sums(res)
+    res = run_job("dist_sync", secret=None, timeout=20)
+    for p in res.procs:
+        assert p.popen.returncode not in (0, None), res.dump()
+        assert "KVFRAME_SECRET" in p.out and "KVFRAME_INSECURE=1" in p.out, res.dump()
+
+
 # -- (d) -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("side", ["host", "switch"])
@@ -280,7 +295,7 @@ def test_a_server_announcing_loopback_is_refused_with_the_variable_to_set():
     Now the scheduler refuses the registration and the server exits at once saying what to set."""
     with Hosts(2, hostnames=True) as hosts:
         env = {"DMLC_PS_ROOT_URI": hosts[0].ip, "DMLC_PS_ROOT_PORT": str(PORT), "DMLC_NUM_SERVER": "1",
-               "DMLC_NUM_WORKER": "1", "KVFRAME_CONNECT_TIMEOUT": "20"}
+               "DMLC_NUM_WORKER": "1", "KVFRAME_CONNECT_TIMEOUT": "20", "KVFRAME_SECRET": "s"}
         sched = hosts.popen(0, [sys.executable, "-m", "kvframe_dist", "--role", "scheduler"],
                             {**env, "DMLC_ROLE": "scheduler"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -15,7 +15,8 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_NODE_HOST | DMLC_NODE_HOST | the address a server binds and announces (wins over the interface) |
 | KVFRAME_TRANSPORT | | the job's transport plugin (default shm; else ``[store] transport`` of KVFRAME_CONFIG) |
 | KVFRAME_PORT | PORT | a server's port (default: any free one) |
-| KVFRAME_SECRET | | shared secret: every message carries an HMAC-SHA256 of its frames |
+| KVFRAME_SECRET | | the job's secret: every connection is an authenticated session (kvframe-launch makes one) |
+| KVFRAME_INSECURE | | 1: run without a secret on a non-loopback address (refused otherwise) |
 | KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
 | KVFRAME_HEARTBEAT_TIMEOUT | | seconds of silence before a node counts as stopped (default 15) |
 | KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 300) |
@@ -30,6 +31,8 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from kvframe_dist.address import is_loopback
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_TRANSPORT = "shm"  # tcp plus shared memory where a peer proves it shares the host
@@ -126,6 +129,11 @@ def node_env(role: str | None = None) -> NodeEnv:
         raise ValueError(f"need at least one server and one worker; got DMLC_NUM_SERVER={ns}, DMLC_NUM_WORKER={nw}")
     root = _get(("KVFRAME_ROOT_URI", "DMLC_PS_ROOT_URI"), "127.0.0.1")
     secret = _get(("KVFRAME_SECRET",))
+    insecure = (_get(("KVFRAME_INSECURE",), "0") or "0").lower() not in ("0", "false", "no")
+    if secret is None and not insecure and not is_loopback(root):
+        raise ValueError(f"a {role} of a job on {root} (not loopback) needs the job's secret: set KVFRAME_SECRET to "
+                         "the same random string on every node (kvframe-launch makes one per job), or "
+                         "KVFRAME_INSECURE=1 to run unauthenticated, open to anyone who can reach the job")
     return NodeEnv(
         role=role, root_uri=root, root_port=port, num_servers=ns, num_workers=nw,
         rank=_int(("KVFRAME_RANK",), None) if not os.environ.get("KVFRAME_RANK_FROM_MPI")

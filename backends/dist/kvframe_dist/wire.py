@@ -4,8 +4,10 @@ A message is a list of frames for the transport: ``[header, *data, mac?]``. The 
 ``MAGIC + VERSION + JSON`` whose fields are checked against :data:`SCHEMA` by :func:`decode`
 before any role sees them (unknown op, missing or extra field, wrong type, too large: the
 message is refused with :class:`BadMessage`). Data frames are raw array bytes described by the
-header; nothing is ever unpickled. With a shared secret the last frame is an HMAC-SHA256 over
-every other frame, checked before the header is parsed.
+header; nothing is ever unpickled. With a shared secret the last frame is an HMAC-SHA256, under
+the connection's session key (:mod:`kvframe_dist.session`), over the message's sequence number and
+every other frame; it is checked before the header is parsed, so a forged, altered, replayed or
+reordered message is refused before anything reads it.
 
 Key shards travel as columns: ``keys`` (int key ids), ``parts`` (which shard of the key; absent
 means all 0: whole keys) and, for pushes and compressed pulls, ``encs`` (absent means all
@@ -14,6 +16,7 @@ share one definition.
 
 | op | from -> to | fields | data frames |
 |---|---|---|---|
+| hello, hello_ack, refused | any -> any | nonce, role / nonce, echo / msg | (the session handshake) |
 | register | node -> scheduler | role, addr, host, rank? | |
 | welcome | scheduler -> node | rank, servers, num_workers, num_servers, pid | |
 | hb | node <-> scheduler | role?, rank? | |
@@ -61,6 +64,9 @@ INTS, STRS, SHAPES, NAMES, JSON_OBJ = "list[int]", "list[str]", "list[list[int]]
 
 SCHEMA: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # op: (required fields, optional fields)
+    "hello": ({"nonce": str, "role": str}, {}),
+    "hello_ack": ({"nonce": str, "echo": str}, {}),
+    "refused": ({"msg": str}, {}),
     "register": ({"role": str, "addr": str, "host": str}, {"rank": int}),
     "welcome": ({"rank": int, "servers": STRS, "num_workers": int, "num_servers": int, "pid": int}, {}),
     "hb": ({}, {"role": str, "rank": int}),
@@ -159,8 +165,8 @@ def items(fields: dict[str, Any], shards: Sequence[tuple[int, int, str]]) -> dic
     return fields
 
 
-def _mac(secret: bytes, frames: Sequence[Any]) -> bytes:
-    h = hmac.new(secret, digestmod=hashlib.sha256)
+def _mac(key: bytes, seq: int, frames: Sequence[Any]) -> bytes:
+    h = hmac.new(key, struct.pack("<Q", seq), digestmod=hashlib.sha256)
     for f in frames:
         mv = memoryview(f).cast("B")
         h.update(struct.pack("<Q", mv.nbytes))
@@ -168,28 +174,31 @@ def _mac(secret: bytes, frames: Sequence[Any]) -> bytes:
     return h.digest()
 
 
-def encode(msg: Message, secret: bytes | None = None) -> list[Any]:
-    """The frames of ``msg`` for a transport (data frames are passed through without a copy)."""
+def encode(msg: Message, key: bytes | None = None, seq: int = 0) -> list[Any]:
+    """The frames of ``msg`` for a transport (data frames are passed through without a copy); with a
+    key, the MAC over ``seq`` and the frames is the last frame."""
     header = MAGIC + bytes([VERSION]) + json.dumps({"op": msg.op, **msg.fields}, separators=(",", ":")).encode()
     if len(header) > MAX_HEADER:
         raise ValueError(f"a {msg.op!r} message header of {len(header)} bytes exceeds {MAX_HEADER}: split the call")
     frames = [header, *msg.frames]
-    if secret is not None:
-        frames.append(_mac(secret, frames))
+    if key is not None:
+        frames.append(_mac(key, seq, frames))
     return frames
 
 
-def decode(frames: Sequence[Any], secret: bytes | None = None) -> Message:
-    """A checked :class:`Message` from received frames; :class:`BadMessage` for anything else."""
+def decode(frames: Sequence[Any], key: bytes | None = None, seq: int = 0) -> Message:
+    """A checked :class:`Message` from received frames; :class:`BadMessage` for anything else (with a
+    key: also a MAC that is not over ``seq``, the message expected next)."""
     if not frames:
         raise BadMessage("empty message")
-    if secret is not None:
+    if key is not None:
         if len(frames) < 2:
             raise BadMessage("unauthenticated message: no MAC frame")
         mac = bytes(frames[-1])
         frames = frames[:-1]
-        if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, _mac(secret, frames)):
-            raise BadMessage("unauthenticated message: bad MAC (wrong or missing KVFRAME_SECRET)")
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, _mac(key, seq, frames)):
+            raise BadMessage("unauthenticated message: bad MAC (a wrong or missing KVFRAME_SECRET, or a replayed "
+                             "or reordered message)")
     head = memoryview(frames[0]).cast("B")
     if head.nbytes > MAX_HEADER:
         raise BadMessage(f"header of {head.nbytes} bytes exceeds {MAX_HEADER}")
