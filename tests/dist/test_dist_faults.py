@@ -154,6 +154,8 @@ def test_malformed_and_unauthenticated_messages_leave_the_server_serving(tmp_pat
                 ("push", {"id": 12, "keys": [0, 0], "parts": [0], "sync": True}, [], "2 keys but 1 parts"),
                 ("welcome", {"rank": 0, "servers": [], "num_workers": 1, "num_servers": 1, "pid": 1}, [],
                  "does not take 'welcome'"),
+                ("pull", {"id": 13, "keys": [0] * 50000, "sync": True}, [], "named more than once"),
+                ("rsp_pull", {"id": 14, "keys": [0], "sync": True}, [np.zeros(9, np.int64)], "each once"),
             ]
             for op, fields, frames, words in bad:
                 reply = ask(op, fields, frames)
@@ -295,7 +297,7 @@ def test_ssh_and_mpi_command_lines(tmp_path):
     for part in ("DMLC_ROLE=worker", "KVFRAME_RANK=2", "DMLC_PS_ROOT_PORT=9191", "DMLC_NUM_WORKER=3",
                  "DMLC_NUM_SERVER=2", f"KVFRAME_CONFIG={os.path.abspath('job.toml')}", "python train.py --lr 0.1"):
         assert part in remote, remote
-    assert remote.startswith(f"cd {os.getcwd()} && env ")
+    assert f"; cd {os.getcwd()} && env " in remote and remote.startswith("IFS= read -r KVFRAME_SECRET")
 
     args = launch.parse_args(["-n", "4", "-s", "2", "--launcher", "mpi", "-H", str(hosts), "--host-ip", "10.0.0.1",
                               "--", "python", "train.py"])
@@ -334,3 +336,68 @@ def test_a_role_without_its_variables_says_which_are_missing():
     res = subprocess.run([sys.executable, "-m", "kvframe_dist.server"], capture_output=True, text=True, timeout=60,
                          env=env)
     assert res.returncode == 2 and "DMLC_PS_ROOT_PORT" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_flood_of_unauthenticated_messages_leaves_server_memory_and_log_bounded(tmp_path):
+    """The first build: one 256 MiB bad message took a server from 52 to 307 MB RSS, and 15 s floods
+    of bad-MAC messages to 525 MB (never given back) with 1.7 million log lines."""
+    job = run_job(tmp_path, """
+        import socket, struct, threading
+        from urllib.parse import urlsplit
+        from kvframe_dist.endpoint import Endpoint, Refused, make_transport
+        kv.init(0, np.zeros(10, np.float32))
+        kv.barrier()
+        if rank == 0:
+            stats = kv.backend.server_stats()[0]
+            u = urlsplit(stats["addr"])
+            def rss_mb():
+                with open(f"/proc/{stats['pid']}/status") as f:
+                    return int(next(ln for ln in f if ln.startswith("VmRSS")).split()[1]) / 1024
+            before, peak = rss_mb(), 0.0
+            stop = time.monotonic() + 5
+            counts = {"big": 0, "garbage": 0, "hello": 0}
+            def big():   # a 256 MiB message announced on a fresh connection, never authenticated
+                while time.monotonic() < stop:
+                    try:
+                        with socket.create_connection((u.hostname, u.port), timeout=2) as s:
+                            s.sendall(b"KVFT" + struct.pack("<BBHI", 1, 0, 0, 1) + struct.pack("<Q", 256 << 20))
+                            s.sendall(b"\\0" * (1 << 20))
+                            counts["big"] += 1
+                    except OSError:
+                        pass
+            def garbage():
+                while time.monotonic() < stop:
+                    try:
+                        with socket.create_connection((u.hostname, u.port), timeout=2) as s:
+                            s.sendall(os.urandom(4096))
+                            counts["garbage"] += 1
+                    except OSError:
+                        pass
+            def wrong_secret():
+                while time.monotonic() < stop:
+                    ep = Endpoint(make_transport(os.environ.get("KVFRAME_TRANSPORT", "shm")), b"wrong", "intruder")
+                    try:
+                        ep.connect(stats["addr"])
+                    except (Refused, OSError, kvframe.errors.KVFrameError):
+                        counts["hello"] += 1
+                    finally:
+                        ep.close()
+            threads = [threading.Thread(target=f) for f in (big, garbage, wrong_secret)]
+            for t in threads:
+                t.start()
+            while time.monotonic() < stop:
+                peak = max(peak, rss_mb())
+                time.sleep(0.05)
+            for t in threads:
+                t.join()
+            print("FLOOD", counts, f"rss {before:.0f} -> peak {peak:.0f} MB", flush=True)
+            assert peak - before <= 50, (before, peak)
+        kv.barrier()
+        out = np.empty(10, np.float32)
+        kv.pushpull(0, np.full(10, 2.0, np.float32), out=out)
+        assert (out == 4).all(), out
+        print("DONE")
+    """, env={"KVFRAME_SECRET": "flood-test"}, timeout=90)
+    assert_ok(job)
+    server_lines = len(job.lines("server 0"))
+    assert server_lines < 200, f"{server_lines} log lines from the flooded server"

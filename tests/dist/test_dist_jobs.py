@@ -409,8 +409,8 @@ def test_distributed_checkpoint_round_trip(tmp_path):
     assert_ok(job)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_transports_with_a_shared_secret(tmp_path, transport):
+@pytest.mark.parametrize("transport, mac_data", [(t, "0") for t in TRANSPORTS] + [("shm", "1")])
+def test_transports_with_a_shared_secret(tmp_path, transport, mac_data):
     job = run_job(tmp_path, """
         big = 700_000                                  # 2.8 MB: shared memory with 'shm'
         kv.init([0, 1], [np.zeros(big, np.float32), np.zeros(33, np.float64)])
@@ -422,7 +422,7 @@ def test_transports_with_a_shared_secret(tmp_path, transport):
         assert all(s["dropped"] == 0 and s["transport"] == os.environ["KVFRAME_TRANSPORT"]
                    for s in kv.backend.server_stats())
         print("DONE")
-    """, env={"KVFRAME_SECRET": "k" * 32, "KVFRAME_TRANSPORT": transport})
+    """, env={"KVFRAME_SECRET": "k" * 32, "KVFRAME_TRANSPORT": transport, "KVFRAME_MAC_DATA": mac_data})
     assert_ok(job)
 
 

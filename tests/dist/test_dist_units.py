@@ -93,6 +93,23 @@ def test_a_message_without_the_right_mac_is_refused_before_parsing():
     assert decode(frames, b"right")["id"] == 1
 
 
+def test_the_mac_binds_sequence_header_and_frame_lengths_and_with_data_the_bytes():
+    key = b"k" * 32
+    msg = Message("push", {"id": 1, "keys": [3], "sync": True}, [np.arange(4, dtype=np.float32)])
+    frames = [bytes(memoryview(f).cast("B")) for f in encode(msg, key, seq=5)]
+    assert decode(frames, key, seq=5)["id"] == 1
+    for bad in (lambda f: decode(f, key, seq=4), lambda f: decode(f, key, seq=6),        # replayed, skipped
+                lambda f: decode([f[0].replace(b'"id":1', b'"id":2'), *f[1:]], key, seq=5),  # header
+                lambda f: decode([f[0], f[1] + b"\0" * 4, f[2]], key, seq=5)):            # a frame's length
+        with pytest.raises(BadMessage, match="bad MAC"):
+            bad(frames)
+    tampered = [frames[0], b"\xff" * 16, frames[2]]   # same length, other bytes: only the data MAC sees it
+    assert decode(tampered, key, seq=5).op == "push"
+    full = [bytes(memoryview(f).cast("B")) for f in encode(msg, key, seq=5, data=True)]
+    with pytest.raises(BadMessage, match="bad MAC"):
+        decode([full[0], b"\xff" * 16, full[2]], key, seq=5, data=True)
+
+
 def test_columns_of_different_lengths_are_refused():
     msg = decode(encode(Message("pull", {"id": 1, "sync": True, "keys": [1, 2], "parts": [0]})))
     with pytest.raises(BadMessage, match="2 keys but 1 parts"):

@@ -48,9 +48,10 @@ class Refused(TransportError):
 class Endpoint:
     """Sends and receives checked messages over authenticated sessions; drops (and counts) the rest."""
 
-    def __init__(self, transport: Transport, secret: bytes | None, owner: str):
+    def __init__(self, transport: Transport, secret: bytes | None, owner: str, mac_data: bool = False):
         self.transport = transport
         self.secret = secret
+        self.mac_data = mac_data  # the MAC covers data bytes too (KVFRAME_MAC_DATA): every node the same
         self.owner = owner  # "worker 1": for log lines
         self.dropped = 0
         self.names: dict[Hashable, str] = {}  # peer -> address, for messages
@@ -69,7 +70,8 @@ class Endpoint:
         self.names[peer] = address
         nonce = new_nonce()
         self._waiting[peer] = nonce
-        self.transport.send(peer, encode(Message("hello", {"nonce": nonce, "role": self.owner}), self._hello_key))
+        hello = Message("hello", {"nonce": nonce, "role": self.owner, "mac_data": self.mac_data})
+        self.transport.send(peer, encode(hello, self._hello_key))
         limit = float(getattr(self.transport.config, "connect_timeout", 30.0))
         deadline = time.monotonic() + limit
         while peer not in self._sessions:
@@ -93,7 +95,7 @@ class Endpoint:
         session = self._sessions.get(peer)
         if session is None:
             raise TransportError(f"{self.owner}: no session with {self.name(peer)}")
-        frames = encode(msg, session.send_key, session.send_seq)
+        frames = encode(msg, session.send_key, session.send_seq, self.mac_data)
         session.send_seq += 1
         self.transport.send(peer, frames)
 
@@ -127,7 +129,7 @@ class Endpoint:
         session = self._sessions.get(peer)
         if session is not None:
             try:
-                msg = decode(frames, session.recv_key, session.recv_seq)
+                msg = decode(frames, session.recv_key, session.recv_seq, self.mac_data)
             except BadMessage as exc:
                 self._drop(peer, exc)
                 return None
@@ -145,6 +147,8 @@ class Endpoint:
             msg = decode(frames, self._hello_key)
             if msg.op != "hello":
                 raise BadMessage(f"a connection must start with 'hello', not {msg.op!r}")
+            if msg["mac_data"] != self.mac_data:
+                raise BadMessage(f"KVFRAME_MAC_DATA differs: {int(msg['mac_data'])} there, {int(self.mac_data)} here")
         except BadMessage as exc:
             self._refuse(peer, f"authentication failed: {exc}" if self.secret is not None else str(exc))
             return

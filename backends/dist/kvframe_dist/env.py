@@ -17,11 +17,11 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_PORT | PORT | a server's port (default: any free one) |
 | KVFRAME_SECRET | | the job's secret: every connection is an authenticated session (kvframe-launch makes one) |
 | KVFRAME_INSECURE | | 1: run without a secret on a non-loopback address (refused otherwise) |
+| KVFRAME_MAC_DATA | | 1: the MAC covers the data bytes too (default: sequence, header and frame lengths) |
 | KVFRAME_HEARTBEAT_INTERVAL | | seconds between heartbeats (default 1) |
 | KVFRAME_HEARTBEAT_TIMEOUT | | seconds of silence before a node counts as stopped (default 15) |
 | KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 300) |
 | KVFRAME_BIGARRAY_BOUND | MXNET_KVSTORE_BIGARRAY_BOUND | arrays this large are split over all servers |
-| KVFRAME_IPC | DMLC_LOCAL | 1: servers listen on unix sockets (single-host jobs only) |
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ class NodeEnv:
     transport: str
     port: int
     secret: bytes | None
+    mac_data: bool
     heartbeat_interval: float
     heartbeat_timeout: float
     connect_timeout: float
     bigarray_bound: int
-    ipc: bool
 
     @property
     def scheduler_addr(self) -> str:
@@ -94,6 +94,10 @@ class NodeEnv:
     @property
     def loopback(self) -> bool:
         return self.root_uri in LOOPBACK
+
+
+def _flag(*names: str) -> bool:
+    return (_get(names, "0") or "0").lower() not in ("0", "false", "no")
 
 
 def job_transport() -> str:
@@ -129,8 +133,7 @@ def node_env(role: str | None = None) -> NodeEnv:
         raise ValueError(f"need at least one server and one worker; got DMLC_NUM_SERVER={ns}, DMLC_NUM_WORKER={nw}")
     root = _get(("KVFRAME_ROOT_URI", "DMLC_PS_ROOT_URI"), "127.0.0.1")
     secret = _get(("KVFRAME_SECRET",))
-    insecure = (_get(("KVFRAME_INSECURE",), "0") or "0").lower() not in ("0", "false", "no")
-    if secret is None and not insecure and not is_loopback(root):
+    if secret is None and not _flag("KVFRAME_INSECURE") and not is_loopback(root):
         raise ValueError(f"a {role} of a job on {root} (not loopback) needs the job's secret: set KVFRAME_SECRET to "
                          "the same random string on every node (kvframe-launch makes one per job), or "
                          "KVFRAME_INSECURE=1 to run unauthenticated, open to anyone who can reach the job")
@@ -143,11 +146,11 @@ def node_env(role: str | None = None) -> NodeEnv:
         transport=job_transport(),
         port=_int(("KVFRAME_PORT", "PORT"), 0),
         secret=secret.encode() if secret else None,
+        mac_data=_flag("KVFRAME_MAC_DATA"),
         heartbeat_interval=_float(("KVFRAME_HEARTBEAT_INTERVAL",), 1.0),
         heartbeat_timeout=_float(("KVFRAME_HEARTBEAT_TIMEOUT",), 15.0),
         connect_timeout=_float(("KVFRAME_CONNECT_TIMEOUT",), 300.0),
         bigarray_bound=_int(("KVFRAME_BIGARRAY_BOUND", "MXNET_KVSTORE_BIGARRAY_BOUND"), 1_000_000),
-        ipc=(_get(("KVFRAME_IPC", "DMLC_LOCAL"), "0") or "0") not in ("0", "false", "no"),
     )
 
 

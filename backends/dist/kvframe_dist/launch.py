@@ -7,41 +7,68 @@
 
 Every process gets MXNet's variables (DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT,
 DMLC_NUM_SERVER, DMLC_NUM_WORKER; DMLC_INTERFACE with ``--interface``) and kvframe's
-(KVFRAME_ROLE, KVFRAME_RANK, ...); ``--config FILE`` adds KVFRAME_CONFIG=FILE.  Output is forwarded
-line by line with a role prefix (``[worker 0] ...``).  The launcher exits with the first failing
-process's code (128+N for a process killed by signal N): after a failure it gives the others
-``--grace`` seconds to report their own errors, then stops them.
+(KVFRAME_ROLE, KVFRAME_RANK, ...); ``--config FILE`` adds KVFRAME_CONFIG=FILE, ``--transport NAME``
+KVFRAME_TRANSPORT=NAME.  Output is forwarded line by line with a role prefix (``[worker 0] ...``).
+The launcher exits with the first failing process's code (128+N for a process killed by signal N):
+after a failure it gives the others ``--grace`` seconds to report their own errors, then stops them
+(SIGTERM, SIGKILL 3 s later; a stopped process gets SIGKILL at once).  Its last line names the
+cause: the first process that failed, or, when the scheduler declared a node stopped (no heartbeat:
+hung, or stopped with SIGSTOP), that node, whose silence made the others fail.
+
+The job's secret: KVFRAME_SECRET from the launcher's environment, else a fresh random one per job.
+It never appears on a command line (``ps`` shows those to every user): local processes and mpirun
+get it in their environment (mpirun passes it on by name, ``-x KVFRAME_SECRET``), ssh sends it as
+the first line of the remote command's stdin.
+
+The job dies with the launcher.  On SIGHUP, SIGINT or SIGTERM the launcher stops every process and
+exits with 128+N.  Each child gets a signal from the kernel when the launcher dies, SIGKILL
+included (PR_SET_PDEATHSIG: SIGKILL for local roles and workers, SIGTERM for ssh and mpirun so that
+they stop their remote side), and a small guard process (``kvframe-launch-guard``) then stops what
+is left of each child's process group and removes the job's shared-memory directory.
 
 * local: every process is a subprocess of the launcher, the scheduler and servers bound to
-  127.0.0.1 (``--ipc`` puts the servers on unix sockets instead).
+  127.0.0.1.  The job's shared-memory files go to a directory of its own,
+  ``/dev/shm/kvframe-job-<launcher pid>-<its start time>-<random>`` (mode 0700), removed when the
+  job ends; a launcher removes such directories of this user left by launchers that no longer run.
+  A KVFRAME_SHM_DIR given by the user is used instead, and only when it is a directory (not a
+  symbolic link) owned by this user with mode 0700.
 * ssh: the scheduler runs here, on ``--host-ip`` (default: this host's address on the route to
   the first non-loopback host of the hostfile, or that of ``--interface``); servers and workers go
   round-robin over the hosts of the hostfile (one per line: ``host``, ``user@host``, ``host:port``
   or ``[v6addr]:port``; ``#`` comments; ``host slots=N`` repeats a host), each started as
-  ``ssh [OPTIONS] HOST 'cd CWD && env VARS... COMMAND ...'`` in the same directory as here.  The
-  ssh command is ``$KVFRAME_SSH`` (default ``ssh``) plus ``-o OPT`` for each ``--ssh-option OPT``
-  (default options: StrictHostKeyChecking=no, BatchMode=yes unless given).  Besides the job's
-  variables, the launcher's own DMLC_*, KVFRAME_* and MXNET_* variables and OMP_NUM_THREADS are
-  passed on (not KVFRAME_SECRET, which would show on command lines: set it on the hosts).  The
-  remote side watches its ssh connection: when the launcher or its ssh goes away, the remote
-  process group gets SIGTERM (SIGKILL 3 s later), so nothing outlives the job.
+  ``ssh [OPTIONS] HOST 'IFS= read -r KVFRAME_SECRET ...; cd CWD && env VARS... COMMAND ...'`` in
+  the same directory as here.  The ssh command is ``$KVFRAME_SSH`` (default ``ssh``) plus ``-o OPT``
+  for each ``--ssh-option OPT`` (default options: StrictHostKeyChecking=no, BatchMode=yes unless
+  given).  Besides the job's variables, the launcher's own DMLC_*, KVFRAME_* (but KVFRAME_SECRET,
+  which goes on stdin) and MXNET_* variables and OMP_NUM_THREADS are passed on.  The remote side
+  watches its ssh connection: when the launcher or its ssh goes away, the remote process group gets
+  SIGTERM (SIGKILL 3 s later), so nothing outlives the job.
 * mpi (Open MPI): the scheduler runs here as for ssh; ``mpirun -np S --hostfile H -x VAR ...
   python -m kvframe_dist --role server`` and ``mpirun -np W ... COMMAND`` start the rest; worker
   ranks come from the MPI rank (OMPI_COMM_WORLD_RANK, PMI_RANK or PMIX_RANK).  ``$KVFRAME_SSH``
   and ``--ssh-option`` become mpirun's ``plm_rsh_agent`` and ``plm_rsh_args``; the launcher's
   variables above go by name (``-x NAME``, KVFRAME_SECRET included: mpirun carries values itself).
+
+Retired flags, still accepted: ``--no-shm`` is ``--transport tcp``; ``--ipc`` (servers on unix
+sockets) is ``--transport shm``, the default, whose shared memory between processes of one host
+took its place.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,8 +80,10 @@ class Proc:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # what this process adds to the environment
     popen: subprocess.Popen | None = None
-    watch_stdin: bool = False  # ssh: stdin is a pipe held open; its EOF tells the remote side to stop
+    watch_stdin: bool = False  # ssh: stdin is a pipe held open: the secret's line, then EOF tells the remote to stop
     mpi_role: str | None = None  # mpirun with --tag-output: lines are re-prefixed per rank
+    deathsig: int = signal.SIGKILL  # what the kernel sends it when the launcher dies (ssh, mpirun: SIGTERM)
+    stopped: bool = False  # found stopped (SIGSTOP) when the launcher stopped the job
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,6 +91,227 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kvframe-dist")
+    except metadata.PackageNotFoundError:  # a source tree on PYTHONPATH
+        import kvframe
+
+        return kvframe.__version__
+
+
+def job_secret(environ: dict[str, str] | None = None) -> str:
+    """The job's secret: the launcher's KVFRAME_SECRET, else a fresh one (a new one per job)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("KVFRAME_SECRET") or secrets.token_hex(32)
+
+
+# -- children that die with the launcher ------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def die_with_launcher(sig: int):
+    """A preexec_fn: the child gets ``sig`` from the kernel when the launcher dies, however it dies
+    (SIGKILL included), or None where prctl is missing.  Must run in the thread that stays: the
+    signal comes when the thread that forked the child ends (the launcher forks from its main thread)."""
+    if _PRCTL is None:
+        return None
+    launcher = os.getpid()
+
+    def arm() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != launcher:  # the launcher died before prctl: no signal will come
+            os._exit(1)
+
+    return arm
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, or None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def is_stopped(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] in "Tt"  # SIGSTOP/SIGTSTP, or a debugger's stop
+
+
+# The guard: a process of its own session (so a terminal's SIGHUP or SIGINT misses it) reading the
+# launcher's notes on its stdin: "pg PID" (a child's process group), "gone PID" (reaped: never signal
+# a group whose id may be reused), "dir PATH" (the job's directory), "done".  EOF without "done" means
+# the launcher died: the groups get SIGTERM and SIGCONT, SIGKILL 3 s later, and the directory goes.
+_GUARD = r"""
+import os, shutil, signal, sys, time
+groups, dirs = set(), []
+for line in sys.stdin:
+    op, _, arg = line.strip().partition(" ")
+    if op == "done":
+        sys.exit(0)
+    if op == "pg":
+        groups.add(int(arg))
+    elif op == "gone":
+        groups.discard(int(arg))
+    elif op == "dir":
+        dirs.append(arg)
+
+def signal_all(sig):
+    alive = []
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+            alive.append(g)
+        except OSError:
+            pass
+    return alive
+
+def remove_dirs():
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+signal_all(signal.SIGTERM)
+signal_all(signal.SIGCONT)
+remove_dirs()
+end = time.monotonic() + 3
+while signal_all(0) and time.monotonic() < end:
+    time.sleep(0.05)
+signal_all(signal.SIGKILL)
+remove_dirs()
+"""
+GUARD_NAME = "kvframe-launch-guard"
+
+
+class Guard:
+    """Stops the job's process groups and removes its directory when the launcher dies (see _GUARD)."""
+
+    def __init__(self) -> None:
+        self.popen: subprocess.Popen | None = None
+        env = {k: v for k, v in os.environ.items() if k != "KVFRAME_SECRET"}
+        try:  # -I -S: no site, no user paths: starts fast, needs nothing of the job's
+            self.popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARD, GUARD_NAME], text=True, env=env,
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            pass  # PR_SET_PDEATHSIG and the next launcher's clean-up still apply
+
+    def tell(self, note: str) -> None:
+        if self.popen is None or self.popen.stdin is None:
+            return
+        try:
+            self.popen.stdin.write(note + "\n")
+            self.popen.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """The launcher ends normally: the guard leaves without touching anything."""
+        if self.popen is None:
+            return
+        self.tell("done")
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+# -- the job's shared-memory directory ----------------------------------------------------------------
+
+SHM_BASE = "/dev/shm"
+JOB_DIR = re.compile(r"kvframe-job-(\d+)-(\d+)-[a-z0-9_]+")  # kvframe-job-<launcher pid>-<its start time>-<random>
+
+
+def check_private_dir(path: str, name: str = "KVFRAME_SHM_DIR") -> None:
+    """Refuse (SystemExit naming ``name``) a directory that others could read or swap: it must be a
+    real directory (not a symbolic link), owned by this user, with mode 0700."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise SystemExit(f"kvframe-launch: {name}={path}: {exc.strerror or exc}") from None
+    problems = []
+    if stat.S_ISLNK(st.st_mode):
+        problems.append("is a symbolic link")
+    elif not stat.S_ISDIR(st.st_mode):
+        problems.append("is not a directory")
+    else:
+        if st.st_uid != os.geteuid():
+            problems.append(f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            problems.append(f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700")
+    if problems:
+        raise SystemExit(f"kvframe-launch: refusing {name}={path}: it {' and '.join(problems)}; give a directory "
+                         f"of this user with mode 0700 (mkdir -m 700 DIR), or unset {name} and kvframe-launch makes "
+                         "one per job")
+
+
+def _launcher_alive(pid: int, start: int) -> bool:
+    if os.path.exists("/proc/self/stat"):
+        st = _stat(pid)
+        return st is not None and st[1] == start and st[0] != "Z"  # a reused pid starts at another time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_job_dirs(base: str = SHM_BASE) -> list[str]:
+    """Remove job directories (JOB_DIR names) of this user whose launcher no longer runs; only real
+    directories with mode 0700 owned by this user are trusted, anything else is left alone."""
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = JOB_DIR.fullmatch(name)
+        if not m:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700
+                or _launcher_alive(int(m[1]), int(m[2]))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # fd-based on Linux: follows no symbolic link inside
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+def make_job_dir(base: str = SHM_BASE) -> str:
+    st = _stat(os.getpid())
+    path = tempfile.mkdtemp(prefix=f"kvframe-job-{os.getpid()}-{st[1] if st else 0}-", dir=base)  # mode 0700
+    check_private_dir(path)
+    return path
 
 def read_hostfile(path: str) -> list[str]:
     hosts = []
@@ -127,11 +377,14 @@ def default_host_ip(hosts: list[str], interface: str | None) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvframe-launch", description="Start a kvframe distributed job: scheduler, "
                                 "servers and workers.", epilog=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kvframe-launch {version()}")
     p.add_argument("-n", "--num-workers", type=int, required=True, help="number of workers")
     p.add_argument("-s", "--num-servers", type=int, help="number of servers (default: as many as workers)")
     p.add_argument("--launcher", choices=["local", "ssh", "mpi"], default="local")
     p.add_argument("-H", "--hostfile", help="hosts for ssh and mpi (one per line)")
     p.add_argument("--config", help="a kvframe config file, passed to every process as KVFRAME_CONFIG")
+    p.add_argument("--transport", metavar="NAME", help="the job's transport plugin, passed to every process as "
+                   "KVFRAME_TRANSPORT (default: the [store] transport of --config, else shm)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra variable for every process")
     p.add_argument("--port", type=int, default=0, help="the scheduler's port (default: a free one)")
     p.add_argument("--host-ip", help="ssh/mpi: the scheduler's address, reachable from every host (default: the "
@@ -139,9 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interface", help="network interface the nodes announce (DMLC_INTERFACE for every process)")
     p.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                    help="ssh/mpi: add `-o OPT` to ssh (repeatable), e.g. --ssh-option IdentityFile=~/.ssh/job")
-    p.add_argument("--ipc", action="store_true", help="local: servers listen on unix sockets")
-    p.add_argument("--no-shm", action="store_true",
-                   help="local: large arrays go over the sockets too (default: through a private /dev/shm directory)")
+    p.add_argument("--ipc", action="store_true", help="retired (servers on unix sockets): accepted, and means "
+                   "--transport shm, the default")
+    p.add_argument("--no-shm", action="store_true", help="retired: means --transport tcp")
     p.add_argument("--grace", type=float, default=None,
                    help="seconds the others get to exit after a failure (default: heartbeat timeout + 5)")
     p.add_argument("--python", default=sys.executable, help="python for scheduler and servers")
@@ -161,9 +414,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for kv in args.env:
         if "=" not in kv:
             p.error(f"--env takes K=V; got {kv!r}")
+        if kv.split("=", 1)[0] == "KVFRAME_SECRET":
+            p.error("--env KVFRAME_SECRET=... would put the secret on command lines, which ps shows to every user; "
+                    "export KVFRAME_SECRET instead, or leave it unset and kvframe-launch makes one for the job")
     for opt in args.ssh_option:
         if "=" not in opt and " " not in opt:
             p.error(f"--ssh-option takes an ssh_config option as KEY=VALUE; got {opt!r}")
+    for flag, means in (("ipc", "shm"), ("no_shm", "tcp")):  # the retired flags, as transports
+        if getattr(args, flag):
+            if args.transport not in (None, means):
+                p.error(f"--{flag.replace('_', '-')} means --transport {means}; it contradicts --transport "
+                        f"{args.transport}")
+            args.transport = means
+    if args.transport is not None:
+        from kvframe import plugins
+
+        known = plugins.names("transports")
+        if args.transport not in known:
+            p.error(f"--transport {args.transport}: no such transport plugin here; installed: "
+                    f"{', '.join(known) or 'none'}")
     return args
 
 
@@ -178,11 +447,11 @@ def common_env(args: argparse.Namespace, root: str, port: int) -> dict[str, str]
         env["DMLC_INTERFACE"] = args.interface
     if args.config:
         env["KVFRAME_CONFIG"] = os.path.abspath(args.config)
-    if args.ipc:
-        env["KVFRAME_IPC"] = "1"
     for kv in args.env:
         k, v = kv.split("=", 1)
         env[k] = v
+    if args.transport:
+        env["KVFRAME_TRANSPORT"] = args.transport
     return env
 
 
@@ -234,19 +503,23 @@ def ssh_options(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def remote_command(cwd: str, env: dict[str, str], cmd: list[str]) -> str:
     """The shell command ssh runs on a host (a POSIX shell): ``cmd`` with ``env`` in ``cwd``, and a
-    watcher on the ssh session's stdin, a pipe the launcher holds open and never writes.  Its EOF
-    means the launcher or its ssh is gone: the session's process group (sshd made it, with setsid)
-    gets SIGTERM, then SIGKILL.  The command's exit status is ssh's."""
+    watcher on the ssh session's stdin, a pipe the launcher holds open.  The launcher writes one line,
+    the job's secret, which the shell reads into KVFRAME_SECRET (a shell reads a pipe byte by byte up
+    to the newline, so the rest stays for the watcher); EOF before it, or any time later, means the
+    launcher or its ssh is gone: the session's process group (sshd made it, with setsid) gets
+    SIGTERM, then SIGKILL.  The command's exit status is ssh's."""
     envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
     # the command runs in the background (stdin /dev/null, as POSIX gives an async list); fd 3 keeps
     # the session's stdin for the watcher, which outlives the TERM it sends to its own group
-    return (f"cd {shlex.quote(cwd)} && env {envs} {shlex.join(cmd)} & p=$!; exec 3<&0; "
+    return ("IFS= read -r KVFRAME_SECRET || exit 1; export KVFRAME_SECRET; "
+            f"cd {shlex.quote(cwd)} && env {envs} {shlex.join(cmd)} & p=$!; exec 3<&0; "
             "(trap : TERM; while read -r _ <&3; do :; done; kill -TERM 0; sleep 3; kill -KILL 0) & w=$!; "
             "wait $p; rc=$?; kill -KILL $w 2>/dev/null; exit $rc")
 
 
 def build(args: argparse.Namespace) -> list[Proc]:
-    """The processes to start, with their command lines and variables."""
+    """The processes to start, with their command lines and variables (the secret is not among
+    them: Launcher.start hands it over)."""
     local = args.launcher == "local"
     hosts = [] if local else read_hostfile(args.hostfile)
     root = "127.0.0.1" if local else (args.host_ip or default_host_ip(hosts, args.interface))
@@ -275,7 +548,7 @@ def build(args: argparse.Namespace) -> list[Proc]:
             penv = {**passed, **env, **_role_env(role, rank), "PYTHONUNBUFFERED": "1"}
             portopt = ["-p", str(sshport)] if sshport else []
             procs.append(Proc(f"{role} {rank}", [*ssh, *opts, *portopt, dest, remote_command(cwd, penv, cmd)],
-                              watch_stdin=True))
+                              watch_stdin=True, deathsig=signal.SIGTERM))  # TERM: ssh closes the session cleanly
         return procs
     # mpi: one mpirun per role; ranks come from the MPI rank
     rsh = ["--mca", "plm_rsh_agent", shlex.join(ssh), "--mca", "plm_rsh_args", " ".join(opts)]
@@ -283,14 +556,14 @@ def build(args: argparse.Namespace) -> list[Proc]:
                              ("worker", args.num_workers, list(args.command))):
         penv = {**env, **_role_env(role), "KVFRAME_RANK_FROM_MPI": "1", "PYTHONUNBUFFERED": "1"}
         xs = []
-        for k in passed_names(secret=True):
+        for k in sorted({*passed_names(secret=True), "KVFRAME_SECRET"}):
             if k not in penv:
                 xs += ["-x", k]  # by name: mpirun sends the value, which stays off command lines
         for k, v in sorted(penv.items()):
             xs += ["-x", f"{k}={v}"]
         procs.append(Proc(f"{role}s", ["mpirun", "--allow-run-as-root", "-np", str(count), "--hostfile",
                                        os.path.abspath(args.hostfile), "--tag-output", *rsh, *xs, *cmd],
-                          mpi_role=role))
+                          mpi_role=role, deathsig=signal.SIGTERM))  # TERM: mpirun stops its daemons and ranks
     return procs
 
 
@@ -312,18 +585,36 @@ def mpi_lines(line: str, partial: dict) -> list[tuple[str | None, str]]:
     return out
 
 
+# the scheduler's verdict on a silent node: "kvframe scheduler: worker 1 on 127.0.0.1 stopped: no heartbeat ..."
+_DECLARED = re.compile(r"kvframe scheduler: (worker|server) (\d+)\b.*? stopped: (.*?)(?:; telling every other node "
+                       r"and stopping)?$")
+
+
 class Launcher:
-    def __init__(self, procs: list[Proc], grace: float, out=None):
+    def __init__(self, procs: list[Proc], grace: float, out=None, secret: str | None = None, guard: bool = True):
         self.procs = procs
         self.grace = grace
         self.out = out or sys.stdout
+        self.secret = secret
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.guard = Guard() if guard else None
+        self.signalled: int | None = None  # a signal that asks the launcher to stop the job
+        self.declared: tuple[str, str] | None = None  # (node, reason): the scheduler declared it stopped
+        self.summary = ""  # the last line: why the job failed
+
+    def interrupt(self, signum: int) -> None:
+        """A signal handler: the main loop stops the job (a flag: a handler must not interrupt a Popen)."""
+        if self.signalled is None:
+            self.signalled = signum
 
     def _write(self, lines: list[str]) -> None:
         with self.lock:
-            self.out.write("".join(f"{ln}\n" for ln in lines))
-            self.out.flush()
+            try:
+                self.out.write("".join(f"{ln}\n" for ln in lines))
+                self.out.flush()
+            except (OSError, ValueError):  # our output is gone (a closed terminal): keep draining the children
+                pass
 
     def _forward(self, proc: Proc) -> None:
         prefix = f"[{proc.name}] "
@@ -331,6 +622,10 @@ class Launcher:
         partial: dict = {}
         for raw in iter(proc.popen.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n")
+            if proc.name == "scheduler" and self.declared is None:
+                m = _DECLARED.search(line)
+                if m:
+                    self.declared = (f"{m[1]} {m[2]}", m[3])
             if not proc.mpi_role:
                 self._write([prefix + line])
                 continue
@@ -341,35 +636,67 @@ class Launcher:
 
     def start(self) -> None:
         for proc in self.procs:
+            if self.signalled is not None:
+                break  # wait() stops what has started
             env = {**os.environ, **proc.env, "PYTHONUNBUFFERED": "1"}
+            env.pop("KVFRAME_SECRET", None)
+            if self.secret and not proc.watch_stdin:
+                env["KVFRAME_SECRET"] = self.secret  # the environment: no other user can read it
             try:
                 proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               stdin=subprocess.PIPE if proc.watch_stdin else subprocess.DEVNULL,
-                                              start_new_session=True)
+                                              start_new_session=True, preexec_fn=die_with_launcher(proc.deathsig))
             except OSError as exc:
                 self._say(f"cannot start {proc.name} ({shlex.join(proc.argv)}): {exc}; stopping the others")
                 self.procs = [p for p in self.procs if p.popen is not None]
                 self.stop_all()
+                self.close()
                 raise SystemExit(127) from None
+            if self.guard is not None:
+                self.guard.tell(f"pg {proc.popen.pid}")
+            if proc.watch_stdin:
+                try:  # ssh: the remote shell reads the first line into KVFRAME_SECRET
+                    proc.popen.stdin.write(f"{self.secret or ''}\n".encode())
+                    proc.popen.stdin.flush()
+                except OSError:
+                    pass  # ssh already failed: its status says why
             t = threading.Thread(target=self._forward, args=(proc,), daemon=True)
             t.start()
             self.threads.append(t)
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
 
     @staticmethod
     def code(rc: int) -> int:
         return 128 - rc if rc < 0 else rc
 
     def _say(self, msg: str) -> None:
-        with self.lock:
-            self.out.write(f"[kvframe-launch] {msg}\n")
-            self.out.flush()
+        self._write([f"[kvframe-launch] {msg}"])
+
+    def _poll(self, proc: Proc) -> int | None:
+        if proc.popen is None:
+            return 0
+        known = proc.popen.returncode is not None
+        rc = proc.popen.poll()
+        if rc is not None and not known and self.guard is not None:
+            self.guard.tell(f"gone {proc.popen.pid}")  # reaped: its id may be reused, never signal it again
+        return rc
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM to every running process group (SIGCONT too, so that a stopped member handles it), SIGKILL
+        at once to a stopped process (TERM would wait for a SIGCONT), SIGKILL to the rest 3 s later."""
         for proc in self.procs:
             p = proc.popen
-            if p is not None and p.poll() is None:
+            if p is None or self._poll(proc) is not None:
+                continue
+            if is_stopped(p.pid):
+                proc.stopped = True
+            for s in ((signal.SIGKILL,) if proc.stopped else (sig, signal.SIGCONT)):
                 try:
-                    os.killpg(p.pid, sig)
+                    os.killpg(p.pid, s)
                 except (ProcessLookupError, PermissionError):
                     pass
         deadline = time.monotonic() + 3
@@ -385,6 +712,11 @@ class Launcher:
                 except (ProcessLookupError, PermissionError):
                     pass
                 p.wait(5)
+            self._poll(proc)
+
+    def _join_output(self) -> None:
+        for t in self.threads:
+            t.join(2)
 
     def wait(self) -> int:
         first: tuple[str, int] | None = None
@@ -392,10 +724,18 @@ class Launcher:
         workers_done_at: float | None = None
         try:
             while True:
-                running = [p for p in self.procs if p.popen.poll() is None]
+                if self.signalled is not None:
+                    name = signal.Signals(self.signalled).name
+                    self._say(f"got {name}; stopping every process")
+                    self.stop_all()
+                    self._join_output()
+                    self.summary = f"job stopped by {name}; exit status {128 + self.signalled}"
+                    self._say(self.summary)
+                    return 128 + self.signalled
+                running = [p for p in self.procs if self._poll(p) is None]
                 if first is None:
                     for p in self.procs:
-                        rc = p.popen.poll()
+                        rc = self._poll(p)
                         if rc not in (None, 0):
                             first = (p.name, self.code(rc))
                             failed_at = time.monotonic()
@@ -410,7 +750,7 @@ class Launcher:
                     self.stop_all()
                     break
                 workers = [p for p in self.procs if p.name.startswith("worker")]
-                if first is None and workers and all(p.popen.poll() == 0 for p in workers):
+                if first is None and workers and all(self._poll(p) == 0 for p in workers):
                     workers_done_at = workers_done_at or now
                     if now - workers_done_at > 15:  # scheduler and servers stop by themselves when workers close
                         self._say("the workers finished but " + ", ".join(p.name for p in running) +
@@ -422,50 +762,77 @@ class Launcher:
             self._say("interrupted; stopping every process")
             self.stop_all()
             return 130
-        for t in self.threads:
-            t.join(2)
+        self._join_output()
         if first is None:
             for p in self.procs:  # a process stopped by us after all workers succeeded does not count
                 rc = p.popen.returncode
                 if rc not in (None, 0) and p.name.startswith("worker"):
                     first = (p.name, self.code(rc))
                     break
-        return first[1] if first else 0
+        if first is None:
+            return 0
+        self.summary = f"job failed, exit status {first[1]}: {self.cause(first)}"
+        self._say(self.summary)
+        return first[1]
+
+    def cause(self, first: tuple[str, int]) -> str:
+        """Who made the job fail.  Nodes that hear that another went silent exit with status 1, often
+        before the silent one's process ends (a SIGSTOPped one never does): the scheduler's verdict, or
+        a process found stopped, names the cause; otherwise the first process that failed."""
+        by_name = {p.name: p for p in self.procs}
+        if self.declared is not None and self.declared[0] != first[0]:
+            name, reason = self.declared
+            proc = by_name.get(name)
+            fate = ""
+            if proc is not None and proc.stopped:
+                fate = "; its process was stopped (SIGSTOP, or a debugger) and got SIGKILL"
+            elif proc is not None and proc.popen is not None and proc.popen.returncode == 0:
+                fate = "; its process had exited with status 0 without closing its store"
+            return (f"{name} went silent: the scheduler declared it stopped ({reason}){fate}; the failure of "
+                    f"{first[0]} (status {first[1]}) and the others' followed from it")
+        stopped = [p.name for p in self.procs if p.stopped]
+        if stopped and first[0] not in stopped:
+            return (f"{stopped[0]} was stopped (SIGSTOP, or a debugger) and silent, and got SIGKILL; the failure of "
+                    f"{first[0]} (status {first[1]}) and the others' followed from it")
+        return f"{first[0]} exited with status {first[1]}, the first to fail"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     procs = build(args)
+    given = dict(kv.split("=", 1) for kv in args.env).get("KVFRAME_SHM_DIR") or os.environ.get("KVFRAME_SHM_DIR")
+    if given:
+        check_private_dir(given)  # the scheduler runs here under every launcher
     if args.dry_run:
         for p in procs:
             envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(p.env.items()))
             print(f"# {p.name}\n{envs + ' ' if envs else ''}{shlex.join(p.argv)}")
+        print("# KVFRAME_SECRET: " + ("from this environment" if os.environ.get("KVFRAME_SECRET") else
+                                      "a fresh one for the job") + ("; over ssh, the first line of stdin"
+                                                                    if args.launcher == "ssh" else ""))
         return 0
-    shm = None
-    if args.launcher == "local" and not args.no_shm and "KVFRAME_SHM_DIR" not in os.environ:
-        import tempfile
-
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        shm = tempfile.mkdtemp(prefix="kvframe-", dir=base)  # mode 0700: this user only
-        for p in procs:
-            p.env["KVFRAME_SHM_DIR"] = shm
     grace = args.grace
     if grace is None:
         grace = float(os.environ.get("KVFRAME_HEARTBEAT_TIMEOUT", "15")) + 5
-    launcher = Launcher(procs, grace)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    launcher = Launcher(procs, grace, secret=job_secret())
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: launcher.interrupt(signum))
+    shm = None
     try:
+        if args.launcher == "local" and not given and os.path.isdir(SHM_BASE):
+            for path in remove_stale_job_dirs():
+                launcher._say(f"removed {path}, left by a launcher that no longer runs")
+            shm = make_job_dir()
+            if launcher.guard is not None:
+                launcher.guard.tell(f"dir {shm}")
+            for p in procs:
+                p.env["KVFRAME_SHM_DIR"] = shm
         launcher.start()
         return launcher.wait()
     finally:
         if shm is not None:
-            import shutil
-
             shutil.rmtree(shm, ignore_errors=True)
+        launcher.close()
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class Heartbeat(threading.Thread):
         self.failure: str | None = None
         self.closed: dict[int, str] = {}  # workers that closed their store: rank -> name
         self._stop_ev = threading.Event()
-        self.ep = Endpoint(role_transport(env), env.secret, f"{role} {rank} heartbeat")
+        self.ep = Endpoint(role_transport(env), env.secret, f"{role} {rank} heartbeat", env.mac_data)
         self.sched = self.ep.connect(env.scheduler_addr)
         self.mine = own_address(env)
 

@@ -48,7 +48,7 @@ class Node:
 class Scheduler:
     def __init__(self, env: NodeEnv):
         self.env = env
-        self.ep = Endpoint(role_transport(env), env.secret, "scheduler")
+        self.ep = Endpoint(role_transport(env), env.secret, "scheduler", env.mac_data)
         # the scheduler binds the address it is known by (DMLC_PS_ROOT_URI), never every interface
         self.addr = self.ep.listen("127.0.0.1" if env.root_uri == "localhost" else env.root_uri, env.root_port)
         self.nodes: dict[Hashable, Node] = {}

@@ -112,7 +112,7 @@ class DistStore(StoreBackend):
         self._mirrors: dict[tuple[int, int], np.ndarray] = {}  # compressed pulls: this worker's copy per shard
         self._compressor: Any = None
         self._hb: Heartbeat | None = None
-        self.ep = Endpoint(role_transport(env), env.secret, "worker")
+        self.ep = Endpoint(role_transport(env), env.secret, "worker", env.mac_data)
         self.requests = Requests("worker")
         try:
             self.sched = self.ep.connect(env.scheduler_addr)
