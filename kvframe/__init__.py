@@ -6,10 +6,12 @@ from kvframe.arrays import RowSparseArray
 from kvframe.errors import KVFrameError
 from kvframe.hookspecs import hookimpl
 from kvframe.store import KVStore, StoreBackend, create, create_from_config
+from kvframe.sumkeys import is_sum_key, sum_key
 
 __version__ = "0.1.0"
 __all__ = [
     "config",
     "errors",
     "plugins",
-    "KVStore", "StoreBackend", "RowSparseArray", "KVFrameError", "create", "create_from_config", "hookimpl"]
+    "KVStore", "StoreBackend", "RowSparseArray", "KVFrameError", "create", "create_from_config", "hookimpl",
+    "sum_key", "is_sum_key"]

@@ -100,7 +100,14 @@ class RowSparseArray:
     def from_dense(cls, dense: Any) -> RowSparseArray:
         """Keep the rows of ``dense`` that hold any non-zero value."""
         xp = array_module(dense)
-        flat = dense.reshape(dense.shape[0], -1)
+        if dense.ndim < 1:
+            raise ValueError(f"RowSparseArray.from_dense needs an array with at least one dimension (rows); got "
+                             f"{describe(dense)}")
+        # the row length is explicit: reshape(0, -1) cannot infer it when there are no rows
+        row = 1
+        for s in dense.shape[1:]:
+            row *= int(s)
+        flat = dense.reshape(dense.shape[0], row)
         rows = xp.nonzero((flat != 0).any(axis=1))[0].astype(np.int64)
         return cls(dense[rows], rows, dense.shape)
 

@@ -105,7 +105,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 "compression": cfg.compression.model_dump(mode="json") if cfg.compression else None,
                 "optimizer": cfg.optimizer.model_dump(mode="json") if cfg.optimizer else None,
                 "app": cfg.app, "overrides": cfg.overrides}
-        print(json.dumps(dump, indent=2))
+        print(json.dumps(dump, indent=2, default=str))  # TOML/YAML dates, YAML binary and sets: as text
     else:
         print(f"{cfg.source}: valid")
         print(cfg.summary())

@@ -8,6 +8,7 @@ reaches a backend or the network.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +54,32 @@ class TransportConfig(PluginConfig):
         "transport stop reading until recv() catches up (the senders slow down; memory stays bounded)")
 
 
+# messages stay short whatever the input: values and names are cut, problems listed up to a count
+SHOWN = 160  # characters of a value, name or path shown in a message
+MAX_PROBLEMS = 50  # problems listed in one error
+
+
+def shorten(text: str, limit: int = SHOWN) -> str:
+    """``text``, cut in the middle when longer than ``limit`` characters (for messages)."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 40, 10)
+    return f"{text[: keep // 2 + keep % 2]}...({len(text)} characters)...{text[-(keep // 2):]}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def show_value(value: Any) -> str:
+    """A repr of ``value`` short enough for a message, whatever its size or nesting."""
+    try:
+        return shorten(_REPR.repr(value))
+    except Exception:  # a repr that fails (an int too long to print): name the type only
+        return f"<{type(value).__name__}>"
+
+
 def error_message(e: Mapping[str, Any]) -> str:
     """pydantic's message for one error, with its jargon about union tags made plain."""
     if e.get("type") == "union_tag_not_found":
@@ -66,11 +93,14 @@ def format_validation_error(err: pydantic.ValidationError, what: str, source: st
     """One line per problem: the field path, the reason and the value that came."""
     where = f" in {source}" if source else ""
     lines = [f"invalid {what}{where}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
+    errors = err.errors(include_url=False)
+    for e in errors[:MAX_PROBLEMS]:
+        path = shorten(".".join(str(p) for p in e.get("loc", ())) or "(root)")
         got = e.get("input")
-        shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
-        lines.append(f"  {path}: {error_message(e)}{shown}")
+        shown = "" if isinstance(got, Mapping) else f" (got {show_value(got)})"
+        lines.append(f"  {path}: {shorten(error_message(e), 1000)}{shown}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"  ... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
 
 

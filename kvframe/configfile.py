@@ -24,6 +24,12 @@ taken as a string otherwise.  For instance ``KVFRAME_STORE__TYPE=dist_sync``,
 Variables without a double underscore (``KVFRAME_CONFIG``, ``KVFRAME_TIMEOUT``...) are not
 overrides.  ``KVFRAME_CONFIG`` names the file to read when none is given.
 
+**Bounded.**  Whatever a file or variable holds, reading it stays small in time and memory: a
+file is at most :data:`MAX_FILE_BYTES`, values nest at most :data:`MAX_DEPTH` levels, and a config
+holds at most :data:`MAX_NODES` values and :data:`MAX_TEXT` characters of text, a YAML alias
+counted at every use (so an alias bomb is refused, not expanded).  Values shown in messages are
+shortened.
+
 **Validation first.**  Every section is validated by the installed plugin's pydantic model
 before anything is created; all problems are reported at once, each with the file, the field
 path and the reason (and the environment variable, when the value came from one).
@@ -31,6 +37,7 @@ path and the reason (and the environment variable, when the value came from one)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -42,7 +49,16 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvframe.config import CompressionConfig, OptimizerConfig, PluginConfig, StoreConfig, error_message
+from kvframe.config import (
+    MAX_PROBLEMS,
+    CompressionConfig,
+    OptimizerConfig,
+    PluginConfig,
+    StoreConfig,
+    error_message,
+    shorten,
+    show_value,
+)
 from kvframe.errors import ConfigError, KVFrameError
 
 ENV_PREFIX = "KVFRAME_"
@@ -55,6 +71,53 @@ SECTIONS: dict[str, tuple[str, str, bool]] = {
     "optimizer": ("optimizers", "optimizer", True),
 }
 DEFAULT_STORE = "local"
+
+# Limits that keep reading any input bounded in time and memory (a kvframe config is a few settings)
+MAX_FILE_BYTES = 1 << 20  # bytes of a config file
+MAX_DEPTH = 32  # nesting levels of tables and lists (the top level is level 1)
+MAX_NODES = 100_000  # values in a config, a YAML alias counted at every use
+MAX_TEXT = 2 << 20  # characters of strings and names in a config, a YAML alias counted at every use
+
+
+def _where(path: tuple) -> str:
+    """A field path for messages: ``optimizer.lr_scheduler.step``, shortened when long or deep."""
+    parts = [shorten(str(p), 40) for p in path]
+    if len(parts) > 8:
+        parts = parts[:5] + [f"...({len(parts)} levels)..."] + parts[-2:]
+    return ".".join(parts) or "(top level)"
+
+
+def check_limits(data: Any, what: str, prefix: tuple = ()) -> None:
+    """Refuse ``data`` nested more than :data:`MAX_DEPTH` levels (or containing itself), or holding
+    more than :data:`MAX_NODES` values or :data:`MAX_TEXT` characters, a value used in several
+    places counted at every use: so what is accepted stays small for everything that reads it
+    (validation, messages, ``kvframe validate --json``).  ``what`` names the source in the error
+    ("config file x.yaml"), ``prefix`` is the field path of ``data`` in the config."""
+    nodes = 0
+    text = 0
+    stack: list[tuple[Any, tuple]] = [(data, tuple(prefix))]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, (str, bytes, bytearray)):
+            text += len(node)
+        elif isinstance(node, (Mapping, list, tuple, set, frozenset)):
+            if len(path) >= MAX_DEPTH:
+                raise ConfigError(f"{what}: {_where(path)}: values are nested more than {MAX_DEPTH} levels deep "
+                                  "(or a value contains itself); a kvframe config is a few levels of settings")
+            nodes += len(node)
+            if nodes > MAX_NODES:
+                raise ConfigError(f"{what}: {_where(path)}: the config holds more than {MAX_NODES} values (shared "
+                                  "values and YAML aliases counted at every use); a kvframe config holds settings: "
+                                  "keep data in files of its own")
+            items = node.items() if isinstance(node, Mapping) else enumerate(node)
+            for k, v in items:
+                if isinstance(k, str):
+                    text += len(k)
+                stack.append((v, path + (k,)))
+        if text > MAX_TEXT:
+            raise ConfigError(f"{what}: {_where(path)}: the config holds more than {MAX_TEXT} characters of text "
+                              "(shared values and YAML aliases counted at every use); a kvframe config holds "
+                              "settings: keep data in files of its own")
 
 
 class FileSections(BaseModel):
@@ -110,9 +173,12 @@ class KVFrameConfig:
         lines.append("optimizer:   " + (f"{self.optimizer.type} [{opts(self.optimizer)}]" if self.optimizer
                                         else "none (the store assigns the summed pushes)"))
         if self.app:
-            lines.append("app:         " + ", ".join(sorted(self.app)))
+            names = sorted(map(str, self.app))
+            lines.append("app:         " + ", ".join(shorten(n, 40) for n in names[:20])
+                         + (f", ... ({len(names)} in all)" if len(names) > 20 else ""))
         if self.overrides:
-            lines.append("overrides:   " + ", ".join(f"{k}={v}" for k, v in sorted(self.overrides.items())))
+            lines.append("overrides:   " + ", ".join(f"{shorten(k)}={shorten(v)}"
+                                                      for k, v in sorted(self.overrides.items())))
         return "\n".join(lines)
 
 
@@ -130,41 +196,172 @@ def _toml_module() -> Any:
     return tomli
 
 
+def _os_reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or shorten(str(exc)) or type(exc).__name__
+
+
+def _deep_spot(text: str) -> str:
+    """Where brackets first nest deeper than MAX_DEPTH, as ' at line N (key K)' (a rough scan that
+    ignores quoting: it only places the message)."""
+    depth, key = 0, ""
+    for n, line in enumerate(text.splitlines(), 1):
+        if depth == 0 and "=" in line:
+            key = line.split("=", 1)[0].strip()
+        for ch in line:
+            if ch in "[{":
+                depth += 1
+            elif ch in "]}" and depth:
+                depth -= 1
+            if depth > MAX_DEPTH:
+                return f" at line {n}" + (f" (key {shorten(key, 60)!r})" if key else "")
+    return ""
+
+
+@functools.cache
+def _bounded_yaml_loader() -> Any:
+    """PyYAML's safe loader, bounded while it composes the document: nesting beyond MAX_DEPTH and
+    documents beyond MAX_NODES values or MAX_TEXT characters (an alias counted at every use, with
+    the size of what it names) are refused before anything is built, with the line and the field."""
+    import yaml
+    from yaml.composer import Composer
+
+    base: Any = yaml.SafeLoader
+    try:
+        from yaml.cyaml import CParser
+    except ImportError:  # PyYAML built without libyaml: all in Python
+        pass
+    else:
+        class CParsed(CParser, Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):  # type: ignore
+            """libyaml parses (4x faster); the nodes are composed in Python, where they are counted."""
+
+            get_single_node = Composer.get_single_node
+            check_node = Composer.check_node
+            get_node = Composer.get_node
+
+            def __init__(self, stream: Any) -> None:
+                CParser.__init__(self, stream)
+                Composer.__init__(self)
+                yaml.constructor.SafeConstructor.__init__(self)
+                yaml.resolver.Resolver.__init__(self)
+
+        base = CParsed
+
+    class Loader(base):  # type: ignore[valid-type,misc]
+        source = "<yaml>"
+
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self.kv_path: list = []
+            self.kv_nodes = 0
+            self.kv_text = 0
+            self.kv_sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters) it expands to
+
+        def _kv_fail(self, reason: str, mark: Any) -> None:
+            # the path of indexes: list positions, and key nodes (a scalar key's text; '?' for a complex key)
+            path = tuple(i if isinstance(i, int) else i.value if isinstance(i, yaml.ScalarNode) else "?"
+                         for i in self.kv_path[1:])
+            raise ConfigError(f"invalid config in {self.source}, line {mark.line + 1}, column {mark.column + 1}: "
+                              f"{_where(path)}: {reason}")
+
+        def _kv_count(self, nodes: int, text: int, mark: Any) -> None:
+            self.kv_nodes += nodes
+            self.kv_text += text
+            if self.kv_nodes > MAX_NODES:
+                self._kv_fail(f"the config holds more than {MAX_NODES} values (YAML aliases counted at every use); "
+                              "a kvframe config holds settings: keep data in files of its own", mark)
+            if self.kv_text > MAX_TEXT:
+                self._kv_fail(f"the config holds more than {MAX_TEXT} characters of text (YAML aliases counted at "
+                              "every use); a kvframe config holds settings: keep data in files of its own", mark)
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None:  # (an undefined alias is the composer's own error)
+                    self._kv_count(*self.kv_sizes.get(id(target), (1, 0)), event.start_mark)
+                return super().compose_node(parent, index)
+            self.kv_path.append(index)
+            if not isinstance(event, yaml.ScalarEvent) and len(self.kv_path) > MAX_DEPTH:
+                self._kv_fail(f"values are nested more than {MAX_DEPTH} levels deep; a kvframe config is a few "
+                              "levels of settings", event.start_mark)
+            start = (self.kv_nodes, self.kv_text)
+            self._kv_count(1, len(event.value) if isinstance(event, yaml.ScalarEvent) else 0, event.start_mark)
+            node = super().compose_node(parent, index)
+            self.kv_path.pop()
+            if getattr(event, "anchor", None) is not None:
+                self.kv_sizes[id(node)] = (self.kv_nodes - start[0], self.kv_text - start[1])
+            return node
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, TypeError, OverflowError) as exc:  # a date like 2020-13-45, a 5000-digit int
+                raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {shorten(str(exc))}",
+                                                        node.start_mark) from None
+
+    return Loader
+
+
+def _load_yaml(text: str, shown: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"reading {shown} needs PyYAML: pip install pyyaml (or use a .toml file)") from None
+    loader = _bounded_yaml_loader()(text)
+    loader.source = shown
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {shown}: {shorten(str(exc), 2000)}") from None
+    except RecursionError:  # kept from happening by the depth limit; never a traceback all the same
+        raise ConfigError(f"invalid config in {shown}: values are nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw contents of a TOML (.toml) or YAML (.yaml, .yml) file, as a dict."""
+    """The raw contents of a TOML (.toml) or YAML (.yaml, .yml) file, as a dict, checked against
+    the limits (:func:`check_limits`).  Every failure is a :class:`ConfigError` naming the file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found" if not p.exists() else
-                          f"config path {str(p)!r} is not a file")
+    shown = shorten(str(p))
+    try:
+        missing = not p.is_file() and ("not a file" if p.exists() else "not found")
+        if not missing:
+            with open(p, "rb") as f:  # read no more than the limit, whatever the file claims
+                raw = f.read(MAX_FILE_BYTES + 1)
+    except (OSError, ValueError) as exc:  # a name too long, a directory that may not be searched, a NUL
+        raise ConfigError(f"cannot read config file {shown!r}: {_os_reason(exc)}") from None
+    if missing:
+        raise ConfigError(f"config file {shown!r} not found" if missing == "not found" else
+                          f"config path {shown!r} is not a file")
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"config file {shown} is larger than {MAX_FILE_BYTES} bytes; a kvframe config holds "
+                          "settings: keep data in files of its own")
     suffix = p.suffix.lower()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {p} is not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        raise ConfigError(f"config file {shown} is not UTF-8 text: {exc}") from None
     if suffix == ".toml":
         toml = _toml_module()
         try:
             data = toml.loads(text)
         except toml.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML in {p}: {exc}") from None
+            raise ConfigError(f"invalid TOML in {shown}: {shorten(str(exc), 2000)}") from None
+        except RecursionError:  # the TOML parser recurses into nested arrays and inline tables
+            raise ConfigError(f"invalid config in {shown}{_deep_spot(text)}: values are nested more than "
+                              f"{MAX_DEPTH} levels deep; a kvframe config is a few levels of settings") from None
     elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"reading {p} needs PyYAML: pip install pyyaml (or use a .toml file)") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid YAML in {p}: {exc}") from None
+        data = _load_yaml(text, shown)
         if data is None:
             data = {}
     else:
-        raise ConfigError(f"config file {p}: unknown extension {suffix or '(none)'!r}; use .toml, .yaml or .yml")
+        raise ConfigError(f"config file {shown}: unknown extension {shorten(suffix, 40) or '(none)'!r}; use .toml, "
+                          ".yaml or .yml")
     if not isinstance(data, Mapping):
-        raise ConfigError(f"invalid config in {p}: the top level must be a table/mapping of sections "
+        raise ConfigError(f"invalid config in {shown}: the top level must be a table/mapping of sections "
                           f"(store, compression, optimizer, app); got {type(data).__name__}")
+    check_limits(data, f"config file {shown}")
     return dict(data)
 
 
@@ -174,6 +371,8 @@ def parse_env_value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+    except RecursionError:  # json recurses into nested lists and objects
+        raise ConfigError(f"the value is nested more than {MAX_DEPTH} levels deep") from None
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, tuple[str, ...], Any, str]]:
@@ -183,11 +382,20 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, t
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX):]:
             continue
+        shown = shorten(name)
         parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
         if any(not p for p in parts):
-            raise ConfigError(f"environment variable {name}: empty name between '__' separators; "
+            raise ConfigError(f"environment variable {shown}: empty name between '__' separators; "
                               f"use KVFRAME_SECTION__FIELD[__SUBFIELD]")
-        found.append((name, parts, parse_env_value(environ[name]), environ[name]))
+        if len(parts) >= MAX_DEPTH:
+            raise ConfigError(f"environment variable {shown}: {len(parts)} levels of names; a kvframe config is "
+                              f"nested at most {MAX_DEPTH} levels deep")
+        try:
+            value = parse_env_value(environ[name])
+        except ConfigError as exc:
+            raise ConfigError(f"environment variable {shown}: {exc}") from None
+        check_limits(value, f"environment variable {shown}", parts)
+        found.append((name, parts, value, environ[name]))
     return found
 
 
@@ -201,8 +409,8 @@ def _apply_override(data: dict, path: tuple[str, ...], value: Any, var: str) -> 
             child = {}
         if not isinstance(child, dict):
             where = ".".join(path[: i + 1])
-            raise ConfigError(f"environment variable {var}: cannot set {'.'.join(path)} because {where} is "
-                              f"{type(child).__name__} {child!r}, not a table")
+            raise ConfigError(f"environment variable {shorten(var)}: cannot set {_where(path)} because "
+                              f"{shorten(where)} is {type(child).__name__} {show_value(child)}, not a table")
         child = dict(child)
         node[part] = child
         node = child
@@ -212,7 +420,7 @@ def _apply_override(data: dict, path: tuple[str, ...], value: Any, var: str) -> 
 # validation -----------------------------------------------------------------------------------
 
 def _fmt_value(v: Any) -> str:
-    return "" if isinstance(v, Mapping) else f" (got {v!r})"
+    return "" if isinstance(v, Mapping) else f" (got {show_value(v)})"
 
 
 class _Problems:
@@ -220,18 +428,28 @@ class _Problems:
         self.source = source
         self.env_paths = env_paths
         self.lines: list[str] = []
+        self._seen: set[str] = set()
+        self.more = 0  # problems beyond MAX_PROBLEMS, counted only
+
+    def full(self) -> bool:
+        return len(self.lines) >= MAX_PROBLEMS
 
     def add(self, path: tuple, reason: str) -> None:
+        if self.full():
+            self.more += 1
+            return
         spath = tuple(str(p) for p in path)
-        where = ".".join(spath) or "(top level)"
         var = next((v for p, v in self.env_paths.items() if spath[: len(p)] == p or p[: len(spath)] == spath), None)
-        line = f"  {where}: {reason}" + (f" [from environment variable {var}]" if var else "")
-        if line not in self.lines:
+        line = f"  {_where(spath)}: {shorten(reason, 1000)}" + (f" [from environment variable {shorten(var)}]"
+                                                                 if var else "")
+        if line not in self._seen:
+            self._seen.add(line)
             self.lines.append(line)
 
     def raise_if_any(self) -> None:
         if self.lines:
-            raise ConfigError(f"invalid kvframe config in {self.source}:\n" + "\n".join(self.lines))
+            more = [f"  ... and {self.more} more problems"] if self.more else []
+            raise ConfigError(f"invalid kvframe config in {shorten(self.source)}:\n" + "\n".join(self.lines + more))
 
 
 def _clean_loc(loc: tuple, data: Any) -> tuple:
@@ -291,7 +509,10 @@ def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[Plug
     try:
         return reg.config_model.model_validate(data), written
     except pydantic.ValidationError as err:
-        for e in err.errors():
+        for e in err.errors(include_url=False):
+            if problems.full():  # counted, not formatted
+                problems.more += 1
+                continue
             problems.add((section, *_clean_loc(tuple(e.get("loc", ())), data)),
                          f"{error_message(e)}{_fmt_value(e.get('input'))}")
         return None, None
@@ -338,7 +559,11 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
     else:
         raise ConfigError(f"a config must be a file path, a dict or None (for ${ENV_CONFIG}); "
                           f"got {type(config).__name__}")
-    data = dict(config) if isinstance(config, Mapping) else read_file(config)
+    if isinstance(config, Mapping):
+        check_limits(config, f"config {source}")
+        data = dict(config)
+    else:
+        data = read_file(config)
 
     overrides = env_overrides(environ)
     env_paths: dict[tuple[str, ...], str] = {}
@@ -347,6 +572,8 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
         _apply_override(data, path, value, var)
         env_paths[path] = var
         used[var] = raw
+    if overrides:  # the file's values and the variables' together
+        check_limits(data, f"config {shorten(source)} with the KVFRAME_... environment overrides")
 
     problems = _Problems(source, env_paths)
     try:

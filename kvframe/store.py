@@ -26,6 +26,7 @@ from kvframe.errors import (
     NotSupportedError,
     ShapeMismatchError,
 )
+from kvframe.sumkeys import SumOnlyOptimizer, sum_only_updater
 
 
 def _env_timeout(name: str = "KVFRAME_TIMEOUT", default: float = 120.0) -> float:
@@ -191,6 +192,21 @@ class InProcessUpdates:
         self._updater.set_states(data)
 
 
+# dtype kinds a store can sum: bool, signed and unsigned integers, floating point, complex
+SUMMABLE_KINDS = "biufc"
+SUMMABLE_TEXT = ("bool, int8/16/32/64, uint8/16/32/64, float16/32/64 (and longdouble), complex64/128 (a store "
+                 "may accept fewer)")
+
+
+def check_summable(key: Any, dtype: Any, what: str = "value") -> None:
+    """Refuse, naming the key, a dtype the stores cannot sum (object, str/bytes, datetime/timedelta,
+    void/structured): numpy would fail later, mid-push, with a message that names no key."""
+    dt = np.dtype(dtype)
+    if dt.kind not in SUMMABLE_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise DTypeMismatchError(f"key {key!r}: the {what} has dtype {dt}, which a store cannot sum (pushes are "
+                                 f"summed); accepted dtypes: {SUMMABLE_TEXT}")
+
+
 def _check_key(key: Any) -> int | str:
     if isinstance(key, str):
         return key if type(key) is str else str(key)  # numpy's str_ (keys from an array of names) is a str
@@ -334,6 +350,7 @@ class KVStore:
                 raise DuplicateInitError(f"duplicate init of key {k!r}")
             if len(vals) != 1:
                 raise ValueError(f"key {k!r}: init takes one array per key, got {len(vals)}")
+            check_summable(k, vals[0].dtype)
             seen.add(k)
         self._backend.init(keys, [v[0] for v in values])
         self._remember(keys, values)
@@ -433,6 +450,8 @@ class KVStore:
         for k, vals, os_ in zip(keys, values, outs):
             if k in self._meta or k in seen:
                 raise DuplicateInitError(f"duplicate init of key {k!r} (broadcast initialises the key)")
+            for v in vals:
+                check_summable(k, v.dtype)
             seen.add(k)
             for o in os_:
                 if tuple(o.shape) != tuple(vals[0].shape):
@@ -492,17 +511,19 @@ class KVStore:
 
     # updates --------------------------------------------------------------------------------
     def set_updater(self, updater: Any) -> None:
-        """Run ``updater(key, merged_gradient, stored_weight)`` on each push instead of assigning."""
+        """Run ``updater(key, merged_gradient, stored_weight)`` on each push instead of assigning
+        (except on sum-only keys, ``kvframe.sum_key(name)``, whose pushes are always just summed)."""
         if not callable(updater):
             raise TypeError(f"an updater must be callable as updater(key, grad, weight); got {type(updater).__name__}")
         self._check_open()
-        self._backend.set_updater(updater)
+        self._backend.set_updater(sum_only_updater(updater))  # sum-only keys (kvframe.sumkeys) are only summed
 
     _set_updater = set_updater
 
     def set_optimizer(self, optimizer: Any, **options: Any) -> None:
         """Set the optimizer: an optimizer object, a config model, a dict with 'type', or a name with
-        keyword options. The config is validated before anything is applied."""
+        keyword options. The config is validated before anything is applied. Sum-only keys
+        (``kvframe.sum_key(name)``) are never given to it: their pushes are summed, as without one."""
         from kvframe import plugins
         from kvframe.config import validate_plugin_config
         from kvframe.protocols import Optimizer
@@ -515,7 +536,7 @@ class KVStore:
         else:
             config = validate_plugin_config("optimizers", optimizer, "optimizer config", **options)
             opt = plugins.create("optimizers", config)
-        self._backend.set_optimizer(opt)
+        self._backend.set_optimizer(SumOnlyOptimizer(opt))  # its updaters leave sum-only keys summed
         self._optimizer = opt
 
     @property

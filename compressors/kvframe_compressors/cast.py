@@ -2,7 +2,7 @@
 
 With ``error_feedback`` (the default) the rounding error stays in the residual and is sent in a
 later step: ``r += g; payload = cast(r); r -= payload``.  Without it the gradient is cast as is
-and the residual is left alone.  fp16 saturates: values beyond +-65504 (its largest finite
+and the residual is left alone.  fp16 saturates: finite values beyond +-65504 (its largest finite
 value) are sent as +-65504, and with error feedback the excess waits in the residual.  NaN and inf are sent as they come
 but never kept in the residual.
 """
@@ -144,6 +144,9 @@ class FP16(_Cast):
             out[...] = x
             return
         out[...] = xp.clip(x, -_FP16_MAX, _FP16_MAX).astype(xp.float16)
+        inf = xp.isinf(x)  # saturation is for finite values: an overflow (inf) must still show as inf
+        if bool(inf.any()):
+            out[inf] = x[inf]
 
     def _from_wire(self, p: Any, out: Any, xp: Any) -> None:
         out[...] = p

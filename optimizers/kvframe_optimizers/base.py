@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvframe.arrays import RowSparseArray, array_module
-from kvframe.errors import DTypeMismatchError
+from kvframe.errors import DTypeMismatchError, ShapeMismatchError
 from kvframe_optimizers.engine import runner
 
 MASTER = "weight32"  # name of the float32 master copy of a float16 weight (multi_precision)
@@ -147,11 +147,20 @@ class Optimizer:
     def uses_master(self, dtype: Any) -> bool:
         return bool(self.config.multi_precision) and np.dtype(dtype) == np.float16
 
-    def create_state(self, key: Hashable, weight: Any) -> KeyState:
-        if np.dtype(weight.dtype).kind in "iub":  # the rules compute in floating point
+    def check_weight(self, key: Hashable, shape: tuple, dtype: Any) -> None:
+        """Raise, naming the key, if this optimizer cannot update a weight of ``shape`` and ``dtype``.
+        Changes nothing: a store asks it for every key of a push before it updates any."""
+        if np.dtype(dtype).kind != "f":  # the rules compute in real floating point (not int, bool, complex)
             raise DTypeMismatchError(f"key {key!r}: optimizer {self.config.type!r} updates floating-point weights; "
-                                     f"this key holds dtype {weight.dtype} (keep integer keys in a store without an "
+                                     f"this key holds dtype {np.dtype(dtype)} (keep such keys in a store without an "
                                      "optimizer, or set an updater of your own)")
+        try:
+            self.state_shapes(tuple(shape), np.dtype(dtype))
+        except ValueError as exc:  # a rule that needs another layout (groupadagrad: 2-D or more)
+            raise ShapeMismatchError(f"key {key!r}: {exc}") from None
+
+    def create_state(self, key: Hashable, weight: Any) -> KeyState:
+        self.check_weight(key, tuple(weight.shape), weight.dtype)
         xp = array_module(weight)
         arrays = {}
         for n, (shape, dt) in self.state_shapes(tuple(weight.shape), weight.dtype).items():

@@ -132,7 +132,21 @@ class Updater:
         self._check(key, ks, grad, weight)
         self.optimizer.update(key, weight, grad, ks)
 
-    def _check(self, key: Hashable, ks: KeyState, grad: Any, weight: Any) -> None:
+    def check(self, key: Hashable, grad: Any, weight: Any) -> None:
+        """Raise what ``self(key, grad, weight)`` would refuse, changing nothing: a store checks every
+        key of a push this way before it updates any, so a refused key leaves the others as they were."""
+        ks = self.states.get(key)
+        if ks is None:
+            self.optimizer.check_weight(key, tuple(weight.shape), weight.dtype)
+            if tuple(grad.shape) != tuple(weight.shape):
+                raise ShapeMismatchError(f"key {key!r}: the gradient has shape {tuple(grad.shape)}, but the weight "
+                                         f"has shape {tuple(weight.shape)}")
+        else:
+            self._refuse(key, ks, grad, weight)
+        if isinstance(grad, RowSparseArray) and array_module(grad.data) is not array_module(weight):
+            raise TypeError(f"key {key!r}: the gradient lives on another device than the weight")
+
+    def _refuse(self, key: Hashable, ks: KeyState, grad: Any, weight: Any) -> None:
         if tuple(weight.shape) != ks.shape:
             raise ShapeMismatchError(f"key {key!r}: the optimizer states were made for a weight of shape {ks.shape}, "
                                      f"but the weight has shape {tuple(weight.shape)}")
@@ -142,6 +156,9 @@ class Updater:
         if tuple(grad.shape) != ks.shape:
             raise ShapeMismatchError(f"key {key!r}: the gradient has shape {tuple(grad.shape)}, but the weight has "
                                      f"shape {ks.shape}")
+
+    def _check(self, key: Hashable, ks: KeyState, grad: Any, weight: Any) -> None:
+        self._refuse(key, ks, grad, weight)
         xp = array_module(weight)
         if ks.xp is not xp:  # states loaded from a file (numpy) meet a cupy weight, or the other way
             ks.arrays = {n: (xp.asarray(a) if xp is not np else _to_numpy(a)) for n, a in ks.arrays.items()}

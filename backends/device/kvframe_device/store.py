@@ -137,8 +137,31 @@ class DeviceStore(LocalStore):
                     if d not in devices:
                         devices.append(d)
             self._assign(devices)
-        for k, vals in grouped.items():
-            self._push_key(k, vals)
+        if self._checked_updates(grouped):  # every key is checked before any changes
+            self._staged_push(grouped)
+        else:
+            for k, vals in grouped.items():
+                self._push_key(k, vals)
+
+    def _grad_for_check(self, key: Any, vals: list) -> Any:
+        # row-sparse values reach the updater on the stored value's device (host, or densified there)
+        return self._data[key]
+
+    def _copy_value(self, value: Any) -> Any:
+        return copy_into(empty_on(device_id(value), value.shape, value.dtype), value)
+
+    def _staged_push(self, grouped: dict) -> None:
+        """As the local store's, and the compression residuals of the keys are put back too."""
+        saved = {k: [self._copy_value(r) for r in self._residual[k]] for k in grouped if k in self._residual}
+        try:
+            super()._staged_push(grouped)
+        except BaseException:
+            for k in grouped:
+                if k in saved:
+                    self._residual[k] = saved[k]
+                else:
+                    self._residual.pop(k, None)
+            raise
 
     def _check_compressible(self, key: Any, vals: list) -> None:
         check = getattr(self._compressor, "check_dtype", None)

@@ -11,6 +11,7 @@ from kvframe.arrays import RowSparseArray, array_module
 from kvframe.config import StoreConfig
 from kvframe.errors import NotSupportedError
 from kvframe.store import COMPLETED, Handle, InProcessUpdates, StoreBackend
+from kvframe.sumkeys import is_sum_key
 from kvframe_local.reduce import Reducer, merge
 
 
@@ -79,9 +80,51 @@ class LocalStore(InProcessUpdates, StoreBackend):
     def push(self, keys: list, values: list[list], priority: int = 0) -> None:
         if len(keys) == 1:
             self._push_key(keys[0], values[0])
+            return
+        grouped = group_by_key(keys, values)
+        if self._checked_updates(grouped):
+            self._staged_push(grouped)
         else:
-            for k, vals in group_by_key(keys, values).items():
+            for k, vals in grouped.items():
                 self._push_key(k, vals)
+
+    # a push of several keys is all or nothing --------------------------------------------------
+    def _grad_for_check(self, key: Any, vals: list) -> Any:
+        """What the updater will be given, as far as a check needs: a sum of row-sparse values
+        stays where they are; anything else is merged into a dense array beside the stored one."""
+        if all(isinstance(v, RowSparseArray) for v in vals):
+            return vals[0]
+        return self._data[key]
+
+    def _checked_updates(self, grouped: dict) -> bool:
+        """Let the updater refuse any key (an optimizer refusing a dtype or a shape) before any key
+        changes. Returns True when it cannot say beforehand (an updater of the user's own), so the
+        push must be staged."""
+        if self._updater is None or len(grouped) < 2:
+            return False
+        check = getattr(self._updater, "check", None)
+        if check is None:
+            return True
+        for k, vals in grouped.items():
+            if not is_sum_key(k):  # summed, never given to the optimizer
+                check(k, self._grad_for_check(k, vals), self._data[k])
+        return False
+
+    def _copy_value(self, value: Any) -> Any:
+        return value.copy()
+
+    def _staged_push(self, grouped: dict) -> None:
+        """Push every key into a copy of its value, then put the copies in place: if the updater
+        raises on one key, every key keeps its value (an updater's own state is its business)."""
+        saved = {k: self._data[k] for k in grouped}
+        try:
+            for k in grouped:
+                self._data[k] = self._copy_value(saved[k])
+            for k, vals in grouped.items():
+                self._push_key(k, vals)
+        except BaseException:
+            self._data.update(saved)
+            raise
 
     def _push_key(self, key: Any, vals: list) -> None:
         if self._updater is None and all(type(v) is np.ndarray for v in vals):
