@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from dist_helpers import _leftovers
+from dist_helpers import _leftovers, run_job
 from kvframe_dist import launch
 
 HERE = Path(__file__).resolve().parent
@@ -79,12 +81,13 @@ def test_ssh_command_lines_options_ports_and_variables(tmp_path, monkeypatch):
     assert procs[3].argv[:-1] == procs[4].argv[:-1] == [*opts, "node3"]
     assert all(p.watch_stdin for p in procs[1:])
     remote = procs[4].argv[-1]
-    assert remote.startswith(f"cd {os.getcwd()} && env ")
+    # the secret comes on stdin, as the first line; the command line has its name only
+    assert remote.startswith(f"IFS= read -r KVFRAME_SECRET || exit 1; export KVFRAME_SECRET; cd {os.getcwd()} && env ")
     for part in ("DMLC_ROLE=worker", "KVFRAME_RANK=2", "DMLC_PS_ROOT_URI=10.0.0.1", "DMLC_PS_ROOT_PORT=9191",
                  "DMLC_NUM_WORKER=3", "DMLC_NUM_SERVER=1", "DMLC_INTERFACE=eth1", "KVFRAME_HEARTBEAT_TIMEOUT=7",
                  "MXNET_KVSTORE_BIGARRAY_BOUND=99", "PYTHONUNBUFFERED=1", "python train.py 'a b' &"):
         assert part in remote, (part, remote)
-    for secret_or_local in ("KVFRAME_SECRET", "KVFRAME_SHM_DIR", "DMLC_NODE_HOST", "KVFRAME_SSH"):
+    for secret_or_local in ("s" * 32, "KVFRAME_SECRET=", "KVFRAME_SHM_DIR", "DMLC_NODE_HOST", "KVFRAME_SSH"):
         assert secret_or_local not in remote, remote
 
     # without --host-ip: a hostfile of loopback hosts gives a loopback scheduler
@@ -126,8 +129,11 @@ def test_mpi_output_is_prefixed_per_rank():
     out = io.StringIO()
     script = "printf '[1,0]<stdout>:hel'; printf '[1,0]<stdout>:lo\\n[1,1]<stderr>:oops\\nplain\\n[1,1]<stdout>:end'"
     launcher = launch.Launcher([launch.Proc("workers", ["sh", "-c", script], mpi_role="worker")], grace=1, out=out)
-    launcher.start()
-    assert launcher.wait() == 0
+    try:
+        launcher.start()
+        assert launcher.wait() == 0
+    finally:
+        launcher.close()
     assert out.getvalue().splitlines() == ["[worker 0] hello", "[worker 1] oops", "[workers] plain", "[worker 1] end"]
 
 
@@ -151,20 +157,30 @@ def test_remote_command_passes_the_status_and_dies_with_its_stdin(tmp_path, shel
     """What ssh runs on a host, run here by a POSIX shell with a pipe as stdin, as sshd gives it."""
     if shutil.which(shell) is None:
         pytest.skip(f"no {shell}")
-    cmd = launch.remote_command(str(tmp_path), {"V": "x y"}, ["sh", "-c", 'echo "$V" "$(pwd)"; exit 7'])
+    secret = " s3cr3t with  spaces\\n "  # read -r with IFS=: the line exactly, backslashes and blanks kept
+    cmd = launch.remote_command(str(tmp_path), {"V": "x y"},
+                                ["sh", "-c", 'printf "%s %s [%s]\\n" "$V" "$(pwd)" "$KVFRAME_SECRET"; exit 7'])
+    assert secret not in cmd and "KVFRAME_SECRET=" not in cmd
     p = subprocess.Popen([shell, "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        assert p.stdout.read() == f"x y {tmp_path}\n"
+        p.stdin.write(secret + "\n")                 # the launcher's first line: the job's secret
+        p.stdin.flush()
+        assert p.stdout.read() == f"x y {tmp_path} [{secret}]\n"
         assert p.wait(10) == 7                       # the command's status, with stdin still open
     finally:
         p.stdin.close()
+    # no secret line (the launcher died before writing it): the command never starts
+    p = subprocess.run([shell, "-c", cmd], input="", capture_output=True, text=True, timeout=10)
+    assert (p.returncode, p.stdout) == (1, "")
     # a command held until its stdin, the ssh session, closes; it and its child ignore SIGHUP and SIGTERM,
     # so only the watcher's SIGKILL, 3 s after its SIGTERM, stops them
     cmd = launch.remote_command(str(tmp_path), {}, ["sh", "-c", "trap '' HUP TERM; sleep 60 & echo $$ $!; wait"])
     p = subprocess.Popen([shell, "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
+        p.stdin.write("secret\n")
+        p.stdin.flush()
         pids = [int(x) for x in p.stdout.readline().split()]
         time.sleep(0.3)
         assert all(_alive(x) for x in pids)
@@ -177,6 +193,338 @@ def test_remote_command_passes_the_status_and_dies_with_its_stdin(tmp_path, shel
         except ProcessLookupError:
             pass
         p.wait(5)
+
+
+# -- local jobs: the secret, the launcher's death, the shared-memory directory, the summary --------------
+
+def _launch_local(args: list[str], env: dict | None = None) -> Run:
+    """kvframe-launch here in the background (cwd tests/dist), its output collected line by line; neither
+    KVFRAME_SECRET nor KVFRAME_SHM_DIR comes from the test's environment unless ``env`` gives it."""
+    token = f"kvframe-test-{uuid.uuid4().hex}"
+    full = {k: v for k, v in os.environ.items() if k not in ("KVFRAME_SECRET", "KVFRAME_SHM_DIR")}
+    full.update({"KVFRAME_TEST_TOKEN": token, "KVFRAME_HEARTBEAT_INTERVAL": "0.25", "KVFRAME_HEARTBEAT_TIMEOUT": "3",
+                 "KVFRAME_TIMEOUT": "30", "KVFRAME_CONNECT_TIMEOUT": "30",
+                 "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **(env or {})})
+    p = subprocess.Popen([PY, "-m", "kvframe_dist.launch", *args], env=full, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=str(HERE))
+    run = Run(p, token)
+
+    def read():
+        for line in p.stdout:
+            run.lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    return run
+
+
+HOLDER = [PY, str(HERE / "launch_holder.py")]
+
+
+def _held(run: Run, n: int, timeout: float = 60) -> list[dict]:
+    """The HELD lines of workers 0..n-1, once all have come."""
+    run.wait_for(lambda: all(run.of(f"worker {r}", "HELD") for r in range(n)), timeout)
+    return [json.loads(run.of(f"worker {r}", "HELD")[0]) for r in range(n)]
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = _environ(Path(f"/proc/{pid}"))
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def _argv_holding(needle: str) -> dict[int, list[bytes]]:
+    """Every process on this machine (every namespace: they share /proc) whose command line contains
+    ``needle``: what ps shows to every user."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            argv = _argv(d)
+            if needle.encode() in b"\0".join(argv):
+                found[int(d.name)] = argv
+    return found
+
+
+def _guards(launcher: int) -> list[int]:
+    """The launcher's guard process (found while the launcher runs: it is the guard's parent)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and launch.GUARD_NAME.encode() in _argv(d):
+            found.append(int(d.name))
+    return found
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _end(run: Run, sig: int | None = None, timeout: float = 20) -> int:
+    """The launcher's status once it ends (after ``sig``, if given), after checking that the job left no
+    process behind."""
+    if sig is not None and run.popen.poll() is None:
+        run.popen.send_signal(sig)
+    try:
+        rc = run.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _abort(run)
+        raise AssertionError(f"kvframe-launch did not end within {timeout} s (signal {sig}):\n{run.out}") from None
+    left = _wait_gone(_leftovers(run.token), 8)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}\n{run.out}"
+    return rc
+
+
+@pytest.mark.slow
+def test_local_job_gets_a_fresh_secret_in_its_environment_and_never_on_a_command_line():
+    assert launch.job_secret({}) != launch.job_secret({})                  # a new one per job
+    assert launch.job_secret({"KVFRAME_SECRET": "given"}) == "given"       # or the user's
+    run = _launch_local(["-n", "2", "-s", "1", "--", *HOLDER], {"KVFRAME_TEST_HOLD": "1", "KVFRAME_TEST_INTRUDE": "1"})
+    try:
+        held = _held(run, 2)
+        secret = _environ_of(held[0]["pid"]).get("KVFRAME_SECRET", "")
+        assert re.fullmatch(r"[0-9a-f]{64}", secret), (secret, run.out)
+        for h in held:                               # the job ran, and every worker had the same secret
+            assert h["sum"] == [2.0] * 4 and h["secret"] == _sha(secret), (h, run.out)
+            # the scheduler refuses a connection made with another secret: the sessions are authenticated
+            assert "refused the connection" in h["intruder"] and "authentication failed" in h["intruder"], h
+        job = [pid for pid in _leftovers(run.token) if pid != run.popen.pid]
+        roles = {_environ_of(pid).get("KVFRAME_ROLE") for pid in job}
+        assert {"scheduler", "server", "worker"} <= roles, (roles, run.out)
+        assert all(_environ_of(pid).get("KVFRAME_SECRET") == secret for pid in job
+                   if _environ_of(pid).get("KVFRAME_ROLE")), run.out
+        assert _argv_holding(secret) == {}, "the secret shows on a command line"
+        assert "KVFRAME_SECRET" not in _environ_of(run.popen.pid)  # made by the launcher, not given
+    except BaseException:
+        _abort(run)
+        raise
+    assert _end(run, signal.SIGINT) == 130, run.out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name)
+def test_local_job_dies_with_its_launcher_and_leaves_no_directory(sig):
+    """Any end of the launcher stops every process of the job, a grandchild that ignores SIGTERM
+    included, and removes the job's /dev/shm directory: a SIGKILL through PR_SET_PDEATHSIG and the
+    guard, the others through the launcher itself."""
+    env = {"KVFRAME_TEST_HOLD": "1", "KVFRAME_TEST_GRANDCHILD": "1"}
+    if sig == signal.SIGHUP:
+        env["KVFRAME_SECRET"] = "a secret given by the user"
+    run = _launch_local(["-n", "2", "-s", "1", "--", *HOLDER], env)
+    try:
+        held = _held(run, 2)
+        shm = held[0]["shm_dir"]
+        m = launch.JOB_DIR.fullmatch(os.path.basename(shm))
+        assert os.path.dirname(shm) == "/dev/shm" and m and int(m[1]) == run.popen.pid, shm
+        st = os.lstat(shm)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        assert all(h["shm_dir"] == shm and h["sum"] == [2.0] * 4 for h in held), held
+        if sig == signal.SIGHUP:
+            assert all(h["secret"] == _sha(env["KVFRAME_SECRET"]) for h in held), held
+        job = [pid for pid in _leftovers(run.token) if pid != run.popen.pid]
+        guard = _guards(run.popen.pid)
+        assert len(guard) == 1 and guard[0] in job, (guard, job)
+        assert {h["grandchild"] for h in held} <= set(job)
+        run.popen.send_signal(sig)
+        rc = run.popen.wait(15)
+        left = _wait_gone(job, 8)                   # the guard's SIGKILL comes 3 s after its SIGTERM
+    except BaseException:
+        _abort(run)
+        raise
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind after {sig.name}: {left}\n{run.out}"
+    assert not os.path.lexists(shm), f"{shm} outlived the job"
+    if sig == signal.SIGKILL:
+        assert rc == -signal.SIGKILL
+    else:
+        assert rc == 128 + sig and f"[kvframe-launch] got {sig.name}; stopping every process" in run.out, run.out
+        assert run.lines[-1] == f"[kvframe-launch] job stopped by {sig.name}; exit status {128 + sig}", run.out
+
+
+def _fake_job_dir(base: Path, pid: int, start: int, mode: int = 0o700, uid: int | None = None) -> Path:
+    d = base / f"kvframe-job-{pid}-{start}-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    (d / f"kvframe-{uuid.uuid4().hex}").write_bytes(b"ring")
+    d.chmod(mode)
+    if uid is not None:
+        os.chown(d, uid, uid)
+    return d
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_job_dirs_go_only_when_their_launcher_is_gone_and_they_are_ours(tmp_path):
+    """remove_stale_job_dirs on a directory of its own (no other launcher can race it)."""
+    me = os.getpid()
+    start = launch._stat(me)[1]
+    dead = _dead_pid()
+    other = tmp_path / "elsewhere"
+    other.mkdir(mode=0o700)
+    (other / "keep").write_text("x")
+    gone = [_fake_job_dir(tmp_path, dead, 123),           # its launcher died
+            _fake_job_dir(tmp_path, me, start + 1)]       # a reused pid: that launcher started at another time
+    kept = [_fake_job_dir(tmp_path, me, start),           # a live launcher's
+            _fake_job_dir(tmp_path, dead, 123, mode=0o755)]  # not 0700: not one of ours
+    if os.geteuid() == 0:
+        kept.append(_fake_job_dir(tmp_path, dead, 123, uid=65534))  # another user's
+    link = tmp_path / f"kvframe-job-{dead}-123-link"
+    link.symlink_to(other)                                 # a link is never followed
+    plain = tmp_path / f"kvframe-job-{dead}-123-file"
+    plain.write_text("x")
+    legacy = _fake_job_dir(tmp_path, 0, 0).rename(tmp_path / "kvframe-abc12345")  # no launcher pid: unknown
+    removed = launch.remove_stale_job_dirs(str(tmp_path))
+    assert sorted(removed) == sorted(str(d) for d in gone)
+    assert not any(d.exists() for d in gone)
+    assert all(d.is_dir() and len(list(d.iterdir())) == 1 for d in kept)
+    assert link.is_symlink() and (other / "keep").exists() and plain.exists() and legacy.exists()
+
+
+@pytest.mark.slow
+def test_a_directory_outliving_a_killed_launcher_goes_with_the_next_launcher():
+    """Launcher and guard both SIGKILLed: PR_SET_PDEATHSIG alone stops the children; the directory
+    stays, and the next kvframe-launch removes it."""
+    run = _launch_local(["-n", "1", "-s", "1", "--", *HOLDER], {"KVFRAME_TEST_HOLD": "1"})
+    try:
+        held = _held(run, 1)
+        shm = held[0]["shm_dir"]
+        job = [pid for pid in _leftovers(run.token) if pid != run.popen.pid]
+        guard = _guards(run.popen.pid)
+        assert len(guard) == 1, guard
+        os.kill(guard[0], signal.SIGKILL)
+        run.popen.kill()
+        run.popen.wait(10)
+        left = _wait_gone(job, 5)
+    except BaseException:
+        _abort(run)
+        raise
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"children outlived their launcher: {left}\n{run.out}"
+    assert os.path.isdir(shm)
+    nxt = _launch_local(["-n", "1", "-s", "1", "--grace", "0.5", "--", "sh", "-c", "exit 3"])
+    assert _end(nxt, timeout=40) == 3, nxt.out
+    assert not os.path.lexists(shm), nxt.out
+    # a launcher that started at the same time may have removed it first; else this one says so
+    assert f"[kvframe-launch] removed {shm}, left by a launcher that no longer runs" in nxt.out or not any(
+        "removed" in ln for ln in nxt.lines), nxt.out
+
+
+def test_a_given_shm_dir_must_be_a_private_directory_of_this_user(tmp_path, monkeypatch):
+    good = tmp_path / "good"
+    good.mkdir(mode=0o700)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    wide.chmod(0o755)
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    bad = {str(wide): "has mode 0755, not 0700", str(link): "is a symbolic link", str(plain): "is not a directory",
+           str(tmp_path / "missing"): "No such file"}
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        bad[str(theirs)] = "belongs to uid 65534, not to this user"
+    for path, why in bad.items():
+        monkeypatch.setenv("KVFRAME_SHM_DIR", path)
+        with pytest.raises(SystemExit, match=re.escape(why)) as exc:
+            launch.main(["-n", "1", "--", "true"])
+        assert f"KVFRAME_SHM_DIR={path}" in str(exc.value)
+    monkeypatch.delenv("KVFRAME_SHM_DIR")
+    with pytest.raises(SystemExit, match="is a symbolic link"):           # --env is checked as well
+        launch.main(["-n", "1", f"--env=KVFRAME_SHM_DIR={link}", "--", "true"])
+    # the command, as a user runs it: a clear message, nothing started
+    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "-n", "1", "--", "true"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "KVFRAME_SHM_DIR": str(wide)})
+    assert res.returncode == 1 and res.stdout == "", res
+    assert res.stderr.strip() == (f"kvframe-launch: refusing KVFRAME_SHM_DIR={wide}: it has mode 0755, not 0700; "
+                                  "give a directory of this user with mode 0700 (mkdir -m 700 DIR), or unset "
+                                  "KVFRAME_SHM_DIR and kvframe-launch makes one per job"), res.stderr
+
+
+def test_transport_flags_and_version(tmp_path, capsys):
+    def envs(*argv):
+        return [p.env.get("KVFRAME_TRANSPORT") for p in launch.build(launch.parse_args([*argv, "--", "x"]))]
+
+    assert envs("-n", "2", "-s", "1") == [None] * 4                  # the job's default (or its config's)
+    assert envs("-n", "2", "-s", "1", "--transport", "zmq") == ["zmq"] * 4
+    assert envs("-n", "1", "--no-shm") == ["tcp"] * 3                   # retired: means --transport tcp
+    assert envs("-n", "1", "--ipc") == ["shm"] * 3                      # retired: means the default, shm
+    assert envs("-n", "1", "--ipc", "--transport", "shm") == ["shm"] * 3
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1\n")
+    ssh = launch.build(launch.parse_args(["-n", "1", "--launcher", "ssh", "-H", str(hosts), "--host-ip", "10.0.0.1",
+                                          "--transport", "tcp", "--", "x"]))
+    assert "KVFRAME_TRANSPORT=tcp" in ssh[1].argv[-1] and "KVFRAME_TRANSPORT=tcp" in ssh[2].argv[-1]
+    mpi = launch.build(launch.parse_args(["-n", "1", "--launcher", "mpi", "-H", str(hosts), "--host-ip", "10.0.0.1",
+                                          "--no-shm", "--", "x"]))
+    assert all("KVFRAME_TRANSPORT=tcp" in p.argv for p in mpi[1:])
+    for argv, why in ((["--ipc", "--transport", "tcp"], "--ipc means --transport shm"),
+                      (["--no-shm", "--transport", "zmq"], "--no-shm means --transport tcp"),
+                      (["--transport", "pigeon"], "--transport pigeon: no such transport plugin here; installed: "),
+                      (["--env", "KVFRAME_SECRET=x"], "would put the secret on command lines")):
+        with pytest.raises(SystemExit) as exc:
+            launch.parse_args(["-n", "1", *argv, "--", "x"])
+        assert exc.value.code == 2 and why in capsys.readouterr().err, argv
+    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and re.fullmatch(r"kvframe-launch \d+\.\d+\.\d+\S*\n", res.stdout), res
+    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--transport NAME" in res.stdout and "means --transport tcp" in res.stdout and "means --transport shm" \
+        in res.stdout.replace("\n", " ").replace("  ", " ").replace("  ", " "), res.stdout
+
+
+@pytest.mark.slow
+def test_no_shm_runs_the_job_over_tcp_with_the_users_private_directory(tmp_path):
+    given = tmp_path / "shm"
+    given.mkdir(mode=0o700)
+    run = _launch_local(["-n", "2", "-s", "1", "--no-shm", "--", *HOLDER], {"KVFRAME_SHM_DIR": str(given)})
+    assert _end(run, timeout=60) == 0, run.out
+    held = [json.loads(run.of(f"worker {r}", "HELD")[0]) for r in range(2)]
+    assert all(h["transport"] == "tcp" and h["shm_dir"] == str(given) and h["sum"] == [2.0] * 4 for h in held), held
+    assert given.is_dir()                              # the user's: not removed
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_named_as_the_cause_and_killed(tmp_path):
+    """Worker 1 stops itself (SIGSTOP) after the barrier: the scheduler declares it stopped, the
+    others exit with status 1, and the launcher's summary blames worker 1, which gets SIGKILL."""
+    job = run_job(tmp_path, """
+        import signal
+        kv.init(0, np.zeros(4, np.float32))
+        kv.barrier()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        out = np.empty(4, np.float32)
+        kv.pushpull(0, np.ones(4, np.float32), out=out)    # waits for worker 1's push: never comes
+        print("NOT FAILED", flush=True)
+    """, n=2, s=1, launcher_args=("--grace", "1"), timeout=60)
+    last = job.out.splitlines()[-1]
+    assert job.rc == 1, job.out
+    assert re.fullmatch(r"\[kvframe-launch\] job failed, exit status 1: worker 1 went silent: the scheduler declared "
+                        r"it stopped \(no heartbeat for [\d.]+ s .*\); its process was stopped \(SIGSTOP, or a "
+                        r"debugger\) and got SIGKILL; the failure of (scheduler|server 0|worker 0) \(status 1\) "
+                        r"and the others' followed from it", last), job.out
+    assert "NOT FAILED" not in job.out and job.seconds < 30, job.out
+
+
+def test_the_summary_blames_the_first_failure_or_a_stopped_process():
+    procs = [launch.Proc(name, ["true"]) for name in ("scheduler", "worker 0", "worker 1")]
+    la = launch.Launcher(procs, grace=1, guard=False)
+    assert la.cause(("worker 0", 7)) == "worker 0 exited with status 7, the first to fail"
+    procs[2].stopped = True                                # found stopped when the launcher stopped the job
+    assert la.cause(("worker 0", 1)).startswith("worker 1 was stopped (SIGSTOP, or a debugger) and silent")
+    la.declared = ("worker 0", "no heartbeat for 3.2 s")   # the silent one failed first itself: no one else blamed
+    assert la.cause(("worker 0", 1)) == "worker 0 exited with status 1, the first to fail"
 
 
 # -- simulated hosts with sshd ---------------------------------------------------------------------------
@@ -428,15 +776,46 @@ def test_remote_processes_die_with_their_ssh_and_with_the_launcher(cluster, tmp_
     assert rc == 137 and "[kvframe-launch] worker 0 exited with status 137" in run.out, run.out
     assert _wait_gone(list(remote.values()), 1) == []
 
-    # 2. the launcher killed outright: its ssh clients see their stdin close, and the remote side stops
+    # 2. the launcher killed outright: its local children (the scheduler, the ssh clients) get a signal from
+    # the kernel (PR_SET_PDEATHSIG), the ssh sessions close, and the remote side stops
     run = _start(cluster, args, {"KVFRAME_TEST_HOLD": "1"})
     try:
-        run.wait_for(lambda: all(run.of(n, "PROBE") for n in names), 30)
+        run.wait_for(lambda: all(run.of(n, "PROBE") for n in ["scheduler", *names]), 30)
         remote = {n: run.probe(n)["pid"] for n in names}
+        local = [run.probe("scheduler")["pid"], *_ssh_clients(run.token).values(), *_guards(run.popen.pid)]
+        assert len(local) == 6, local
         run.popen.kill()
         assert _wait_gone(list(remote.values()), 8) == [], "remote processes outlived the launcher"
+        assert _wait_gone(local, 5) == [], "local processes outlived the launcher"
     finally:
-        _abort(run)  # also the local scheduler: a launcher killed outright cannot stop its own children
+        _abort(run)
+
+
+@pytest.mark.slow
+def test_ssh_secret_goes_on_stdin_and_never_on_a_command_line(cluster, tmp_path):
+    """A fresh secret reaches every process, remote ones through the first line of ssh's stdin; no command
+    line on any host (ps) shows it; SIGTERM to the launcher then stops the job on every host."""
+    h = cluster.hosts
+    run = _start(cluster, ["-n", "2", "-s", "2", "--launcher", "ssh", "-H", _hostfile(tmp_path, [h[1].ip, h[2].ip]),
+                           "--ssh-option", f"Port={SSH_PORT}", "--python", _fake_python(tmp_path), "--",
+                           PY, str(HERE / "launch_probe.py")], {"KVFRAME_TEST_HOLD": "1"})
+    names = ["scheduler", "server 0", "server 1", "worker 0", "worker 1"]
+    try:
+        run.wait_for(lambda: all(run.of(n, "PROBE") for n in names), 30)
+        secret = _environ_of(run.probe("scheduler")["pid"]).get("KVFRAME_SECRET", "")
+        assert re.fullmatch(r"[0-9a-f]{64}", secret), run.out
+        assert all(run.probe(n)["secret"] == _sha(secret) for n in names), run.out
+        remote = [run.probe(n)["pid"] for n in names[1:]]
+        assert all(h[1].ip in run.probe(n)["ips"] or h[2].ip in run.probe(n)["ips"] for n in names[1:])
+        assert _argv_holding(secret) == {}, "the secret shows on a command line"
+        assert all("KVFRAME_SECRET" not in _environ_of(pid) for pid in _ssh_clients(run.token).values())
+    except BaseException:
+        _abort(run)
+        raise
+    run.popen.send_signal(signal.SIGTERM)
+    rc = _finish(cluster, run, 20)
+    assert rc == 143 and "[kvframe-launch] job stopped by SIGTERM; exit status 143" in run.out, run.out
+    assert _wait_gone(remote, 1) == []
 
 
 def _check_sums(run: Run, placement: dict) -> None:
@@ -522,8 +901,13 @@ def test_mpi_ranks_stop_with_their_mpirun(mpi, tmp_path):
                  {"KVFRAME_TEST_HOLD": "1"})
     names = ["server 0", "server 1", "worker 0", "worker 1"]
     try:
-        run.wait_for(lambda: all(run.of(n, "PROBE") for n in names), 30)
+        run.wait_for(lambda: all(run.of(n, "PROBE") for n in ["scheduler", *names]), 30)
         remote = {n: run.probe(n)["pid"] for n in names}
+        # the secret: in every rank's environment (mpirun passes it by name), on no command line
+        secret = _environ_of(run.probe("scheduler")["pid"]).get("KVFRAME_SECRET", "")
+        assert re.fullmatch(r"[0-9a-f]{64}", secret), run.out
+        assert all(run.probe(n)["secret"] == _sha(secret) for n in ["scheduler", *names]), run.out
+        assert _argv_holding(secret) == {}, "the secret shows on a command line"
         mpirun = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _argv(d)[:1] == [b"mpirun"]
                   and b"DMLC_ROLE=worker" in _argv(d) and run.token.encode() in _environ(d)]
         assert len(mpirun) == 1, mpirun
@@ -535,6 +919,19 @@ def test_mpi_ranks_stop_with_their_mpirun(mpi, tmp_path):
     rc = _finish(mpi, run, 30)
     assert rc == 137 and "[kvframe-launch] workers exited with status 137" in run.out, run.out
     assert _wait_gone(list(remote.values()), 1) == []   # the servers' mpirun stopped by the launcher
+
+    # the launcher killed outright: both mpiruns get SIGTERM from the kernel and stop their ranks
+    run = _start(mpi, ["-n", "2", "-s", "2", "--launcher", "mpi", "-H", hostfile, "--ssh-option", f"Port={SSH_PORT}",
+                       "--python", _fake_python(tmp_path), "--", PY, str(HERE / "launch_probe.py")],
+                 {"KVFRAME_TEST_HOLD": "1"})
+    try:
+        run.wait_for(lambda: all(run.of(n, "PROBE") for n in ["scheduler", *names]), 30)
+        job = [pid for pid in _leftovers(run.token) if pid != run.popen.pid]  # mpiruns, orteds, ranks, scheduler
+        assert {run.probe(n)["pid"] for n in ["scheduler", *names]} <= set(job), (job, run.out)
+        run.popen.kill()
+        assert _wait_gone(job, 10) == [], "processes outlived the launcher"
+    finally:
+        _abort(run)
 
 
 def _argv(d: Path) -> list[bytes]:

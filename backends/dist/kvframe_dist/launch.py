@@ -130,8 +130,8 @@ def die_with_launcher(sig: int):
     """A preexec_fn: the child gets ``sig`` from the kernel when the launcher dies, however it dies
     (SIGKILL included), or None where prctl is missing.  Must run in the thread that stays: the
     signal comes when the thread that forked the child ends (the launcher forks from its main thread)."""
-    if _PRCTL is None:
-        return None
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return None  # from another thread the signal would come when that thread ends
     launcher = os.getpid()
 
     def arm() -> None:
@@ -639,9 +639,10 @@ class Launcher:
             if self.signalled is not None:
                 break  # wait() stops what has started
             env = {**os.environ, **proc.env, "PYTHONUNBUFFERED": "1"}
-            env.pop("KVFRAME_SECRET", None)
-            if self.secret and not proc.watch_stdin:
-                env["KVFRAME_SECRET"] = self.secret  # the environment: no other user can read it
+            if self.secret is not None:  # in the environment, which no other user can read; ssh: on stdin
+                env.pop("KVFRAME_SECRET", None)
+                if not proc.watch_stdin:
+                    env["KVFRAME_SECRET"] = self.secret
             try:
                 proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               stdin=subprocess.PIPE if proc.watch_stdin else subprocess.DEVNULL,
@@ -676,43 +677,62 @@ class Launcher:
     def _say(self, msg: str) -> None:
         self._write([f"[kvframe-launch] {msg}"])
 
+    @staticmethod
+    def _exited(proc: Proc) -> bool:
+        """Whether the process has ended, without reaping it: while it is a zombie its id cannot be
+        reused, so its process group can still be signalled safely."""
+        p = proc.popen
+        if p is None or p.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+        except AttributeError:  # no waitid here
+            return p.poll() is not None
+
+    def _reap(self, proc: Proc) -> None:
+        """SIGKILL to what is left of the process's group (its children that ignored or never got a
+        signal), then reap it."""
+        p = proc.popen
+        if p is None or p.returncode is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:  # cannot be killed (uninterruptible sleep): leave it to the guard
+            return
+        if self.guard is not None:
+            self.guard.tell(f"gone {p.pid}")  # reaped: its id may be reused, never signal it again
+
     def _poll(self, proc: Proc) -> int | None:
         if proc.popen is None:
             return 0
-        known = proc.popen.returncode is not None
-        rc = proc.popen.poll()
-        if rc is not None and not known and self.guard is not None:
-            self.guard.tell(f"gone {proc.popen.pid}")  # reaped: its id may be reused, never signal it again
-        return rc
+        if proc.popen.returncode is None and self._exited(proc):
+            self._reap(proc)
+        return proc.popen.returncode
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM to every running process group (SIGCONT too, so that a stopped member handles it), SIGKILL
-        at once to a stopped process (TERM would wait for a SIGCONT), SIGKILL to the rest 3 s later."""
-        for proc in self.procs:
-            p = proc.popen
-            if p is None or self._poll(proc) is not None:
-                continue
-            if is_stopped(p.pid):
-                proc.stopped = True
+        """``sig`` to every running process group (SIGCONT too, so that a stopped member handles it),
+        SIGKILL at once to a stopped process (TERM would wait for a SIGCONT); 3 s later SIGKILL to
+        whatever is left of every group."""
+        live = [proc for proc in self.procs if self._poll(proc) is None]
+        for proc in live:
+            proc.stopped = is_stopped(proc.popen.pid)
             for s in ((signal.SIGKILL,) if proc.stopped else (sig, signal.SIGCONT)):
                 try:
-                    os.killpg(p.pid, s)
+                    os.killpg(proc.popen.pid, s)
                 except (ProcessLookupError, PermissionError):
                     pass
         deadline = time.monotonic() + 3
-        for proc in self.procs:
-            p = proc.popen
-            if p is None:
-                continue
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait(5)
-            self._poll(proc)
+        for proc in live:
+            while not self._exited(proc) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for proc in live:
+            self._reap(proc)
 
     def _join_output(self) -> None:
         for t in self.threads:
@@ -791,7 +811,7 @@ class Launcher:
             return (f"{name} went silent: the scheduler declared it stopped ({reason}){fate}; the failure of "
                     f"{first[0]} (status {first[1]}) and the others' followed from it")
         stopped = [p.name for p in self.procs if p.stopped]
-        if stopped and first[0] not in stopped:
+        if self.declared is None and stopped and first[0] not in stopped:
             return (f"{stopped[0]} was stopped (SIGSTOP, or a debugger) and silent, and got SIGKILL; the failure of "
                     f"{first[0]} (status {first[1]}) and the others' followed from it")
         return f"{first[0]} exited with status {first[1]}, the first to fail"
@@ -819,9 +839,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: launcher.interrupt(signum))
     shm = None
     try:
+        for path in remove_stale_job_dirs():
+            launcher._say(f"removed {path}, left by a launcher that no longer runs")
         if args.launcher == "local" and not given and os.path.isdir(SHM_BASE):
-            for path in remove_stale_job_dirs():
-                launcher._say(f"removed {path}, left by a launcher that no longer runs")
             shm = make_job_dir()
             if launcher.guard is not None:
                 launcher.guard.tell(f"dir {shm}")
