@@ -16,13 +16,36 @@ the transport (it is then built through the plugin registry) or defining the fix
             return lambda **overrides: BarTransport(BarConfig(**overrides))
 
 The suite overrides only the generic ``TransportConfig`` fields (``max_message_bytes``,
-``connect_timeout``).  Every test closes every endpoint it made, and every wait in it is bounded, so
-a transport that hangs fails the test instead of hanging the run.  Endpoints listen on
-``listen_host`` (loopback by default).
+``connect_timeout``, ``max_first_message_bytes``, ``max_queued_bytes``).  Every test closes every
+endpoint it made, and every wait in it is bounded, so a transport that hangs fails the test instead
+of hanging the run.  Endpoints listen on ``listen_host`` (loopback by default).  As the roles do,
+every connection starts with a small message (:meth:`TransportConformance.greet`) before anything
+large travels on it.
+
+Some tests check what not every transport can do; each runs where the transport says it can, and is
+skipped (with the reason) elsewhere:
+
+- ``supports_first_message_limit = True`` on the transport class (or instance): the first message
+  on an accepted connection over ``max_first_message_bytes`` is refused and that connection cut;
+  later messages, and messages on connections this endpoint made, may be up to
+  ``max_message_bytes``.
+- ``supports_queue_limit = True``: a sender flooding a receiver that does not call ``recv`` is held
+  back once about ``max_queued_bytes`` wait there (the receiving process's resident memory is
+  measured on Linux), a single message over that bound still comes through, and two endpoints
+  sending each other one such message at once do not deadlock.
+- a ``disconnect(peer)`` method: nothing sent after it comes out of ``recv``, sends to that peer raise
+  ``TransportError``, a second call does nothing and the peer's own sends fail soon.  Messages that
+  were waiting for ``recv`` may still come out, unless the transport declares
+  ``disconnect_discards_queued = True``: then none may.
+
+A transport that leaves a ``supports_*`` attribute undeclared is not tested for it (written before
+these bounds existed).  A test class may decide instead of the transport by setting
+``first_message_limit`` or ``queue_limit`` to True or False.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -102,6 +125,49 @@ class _Worker(threading.Thread):
         return self.result
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """This process's peak resident memory over a ``with`` block, above what it had at the start:
+    sampled every few milliseconds, and read from VmHWM where the kernel lets it be reset."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _PeakRss:
+        try:  # "5" resets VmHWM to the current RSS (Linux 4.0 and later)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self.base = self.peak = _rss_bytes()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._sampler.join(5.0)
+        if self._hwm:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
 class TransportConformance:
     """The Transport contract. Subclass and set ``transport_name`` or define ``make_transport``."""
 
@@ -110,6 +176,10 @@ class TransportConformance:
     listen_host: str = "127.0.0.1"
     #: seconds ``close`` may take
     close_bound: float = 5.0
+    #: whether to test ``max_first_message_bytes`` and ``max_queued_bytes``; None: as the transport
+    #: declares (``supports_first_message_limit``, ``supports_queue_limit``), else skipped
+    first_message_limit: bool | None = None
+    queue_limit: bool | None = None
 
     # fixtures ----------------------------------------------------------------------------------
     @pytest.fixture
@@ -145,9 +215,38 @@ class TransportConformance:
         server = endpoint()
         addr = server.listen(self.listen_host, 0)
         client = endpoint()
-        return server, client, client.connect(addr)
+        to_server = client.connect(addr)
+        self.greet(server, client, to_server)
+        return server, client, to_server
 
     # helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def greet(server: Any, client: Any, to_server: Hashable) -> Hashable:
+        """The small first message of a connection (the roles' handshake); returns the server's
+        handle of the client."""
+        client.send(to_server, [b"hello"])
+        peer, frames = recv_within(server)
+        assert [bytes(f) for f in frames] == [b"hello"], "the first message came out changed"
+        return peer
+
+    def require(self, t: Any, what: str) -> None:
+        """Skip unless the test class or the transport says it honours ``what``."""
+        declared = getattr(self, what)
+        if declared is None:
+            declared = getattr(t, f"supports_{what}", None)
+        if not declared:
+            pytest.skip(f"{type(t).__name__} does not declare supports_{what} = True")
+
+    @staticmethod
+    def assert_cut(t: Any, peer: Hashable, seconds: float = 10.0) -> None:
+        """The connection to ``peer`` is cut: sends fail within ``seconds`` (the first ones may still
+        fit in kernel buffers)."""
+        deadline = time.monotonic() + seconds
+        with pytest.raises(TransportError):
+            while time.monotonic() < deadline:
+                t.send(peer, [b"anyone?", payload(64 * KiB, 3)])
+                time.sleep(0.02)
+
     @staticmethod
     def round_trip(server: Any, client: Any, to_server: Hashable, frames: list) -> None:
         """client -> server -> (echo) -> client, checking every byte and the peer handles."""
@@ -238,6 +337,7 @@ class TransportConformance:
         server = endpoint(max_message_bytes=limit)
         client = endpoint(max_message_bytes=limit)
         to_server = client.connect(server.listen(self.listen_host, 0))
+        self.greet(server, client, to_server)
         self.round_trip(server, client, to_server, [payload(limit - 100, 5), payload(100, 6)])
 
     @pytest.mark.parametrize("split", [False, True], ids=["one_frame", "split_across_frames"])
@@ -319,17 +419,14 @@ class TransportConformance:
         to_server = client.connect(f"{scheme}://{host}:{port}")
         addr = starter.outcome(WAIT)
         assert addr.endswith(f":{port}")
+        self.greet(server, client, to_server)
         self.round_trip(server, client, to_server, [b"late", payload(100 * KiB, 9)])
 
     def test_send_to_a_closed_peer_raises(self, pair):
         server, client, to_server = pair
         self.round_trip(server, client, to_server, [b"ping"])
         server.close()
-        deadline = time.monotonic() + 10.0
-        with pytest.raises(TransportError):
-            while time.monotonic() < deadline:  # the first sends may still fit in kernel buffers
-                client.send(to_server, [b"anyone?", payload(64 * KiB, 3)])
-                time.sleep(0.02)
+        self.assert_cut(client, to_server)
 
     def test_unreachable_address_raises(self, endpoint):
         client = endpoint(connect_timeout=0.5)
@@ -355,6 +452,7 @@ class TransportConformance:
         busy_server = endpoint()
         busy_client = endpoint()
         to_server = busy_client.connect(busy_server.listen(self.listen_host, 0))
+        self.greet(busy_server, busy_client, to_server)
         busy_client.send(to_server, [payload(4 * MiB, 4)])  # left unreceived on purpose
         for t in (idle, busy_server, busy_client):
             for _ in range(2):
@@ -362,3 +460,140 @@ class TransportConformance:
                 t.close()
                 took = time.monotonic() - start
                 assert took < self.close_bound, f"close took {took:.2f} s"
+
+    # bounds before trust: see the module docstring for which transports these run on --------------
+    @pytest.mark.parametrize("split", [False, True], ids=["one_frame", "split_across_frames"])
+    def test_a_first_message_over_its_limit_is_refused_and_later_ones_may_be_larger(self, endpoint, split):
+        limit = 4 * KiB
+        server = endpoint(max_first_message_bytes=limit)
+        self.require(server, "first_message_limit")
+        addr = server.listen(self.listen_host, 0)
+        bad = endpoint()
+        to_server = bad.connect(addr)
+        big = [payload(limit // 2 + 1, 7), payload(limit // 2, 8)] if split else [payload(limit + 1, 7)]
+        try:
+            bad.send(to_server, big)
+        except TransportError:
+            pass  # refusing at the sender is fine too
+        self.assert_cut(bad, to_server)
+        # a first message at the limit passes, and later ones may be larger (up to max_message_bytes)
+        good = endpoint()
+        to_good_server = good.connect(addr)
+        first = [payload(limit - 10, 9), payload(10, 10)]
+        good.send(to_good_server, first)
+        peer, frames = recv_within(server)
+        for i, (g, f) in enumerate(zip(frames, first)):
+            assert_frame(g, f, f"frame {i} of a first message at the limit")
+        later = payload(1 * MiB, 11)
+        good.send(to_good_server, [later])
+        again, frames = recv_within(server)
+        assert again == peer
+        assert_frame(frames[0], later, "a later message larger than the first-message limit")
+        assert server.recv(0.2) is None, "nothing of the refused first message may come out"
+
+    def test_messages_on_a_connection_this_endpoint_made_are_not_bound_as_first_messages(self, endpoint):
+        server = endpoint()
+        client = endpoint(max_first_message_bytes=4 * KiB)
+        self.require(client, "first_message_limit")
+        to_server = client.connect(server.listen(self.listen_host, 0))
+        to_client = self.greet(server, client, to_server)
+        reply = payload(1 * MiB, 12)
+        server.send(to_client, [reply])
+        back, frames = recv_within(client)
+        assert back == to_server
+        assert_frame(frames[0], reply, "the first reply on an outbound connection")
+
+    def test_disconnect_drops_a_peer_at_once(self, endpoint):
+        server = endpoint()
+        if not callable(getattr(server, "disconnect", None)):
+            pytest.skip(f"{type(server).__name__} has no disconnect method")
+        addr = server.listen(self.listen_host, 0)
+        bad = endpoint()
+        to_server = bad.connect(addr)
+        to_bad = self.greet(server, bad, to_server)
+        for i in range(4):
+            bad.send(to_server, [b"before", struct.pack("<I", i)])
+        peer, frames = recv_within(server)
+        assert peer == to_bad and bytes(frames[0]) == b"before"
+        time.sleep(0.2)  # the rest may be waiting for recv by now
+        server.disconnect(to_bad)
+        server.disconnect(to_bad)  # idempotent
+        with pytest.raises(TransportError):
+            server.send(to_bad, [b"to a dropped peer"])
+        try:
+            for _ in range(3):
+                bad.send(to_server, [b"after"])
+        except TransportError:
+            pass
+        self.assert_cut(bad, to_server)
+        strict = getattr(server, "disconnect_discards_queued", False)
+        while (got := server.recv(0.3)) is not None:
+            peer, frames = got
+            assert bytes(frames[0]) == b"before", "a message sent after disconnect came out of recv"
+            assert not strict, "a message that waited for recv came out after disconnect"
+        # the others are served as before
+        good = endpoint()
+        to_good_server = good.connect(addr)
+        to_good = self.greet(server, good, to_good_server)
+        assert to_good != to_bad
+        self.round_trip(server, good, to_good_server, [b"still", payload(100 * KiB, 13)])
+
+    def test_a_message_over_the_queue_bound_comes_through_and_two_such_do_not_deadlock(self, endpoint):
+        bound = 1 << 16  # the smallest TransportConfig allows
+        server = endpoint(max_queued_bytes=bound)
+        self.require(server, "queue_limit")
+        client = endpoint(max_queued_bytes=bound)
+        to_server = client.connect(server.listen(self.listen_host, 0))
+        to_client = self.greet(server, client, to_server)
+        a, b = payload(16 * MiB, 23), payload(16 * MiB, 24)
+        client_side = _Worker(lambda: (client.send(to_server, [a]), recv_within(client, 60.0))[1])
+        client_side.start()
+        server.send(to_client, [b])
+        peer, frames = recv_within(server, 60.0)
+        assert peer == to_client
+        assert_frame(frames[0], a, "the client's 16 MiB at the server")
+        back, frames = client_side.outcome(60.0)
+        assert back == to_server
+        assert_frame(frames[0], b, "the server's 16 MiB at the client")
+
+    def test_a_flood_into_a_receiver_that_does_not_recv_is_held_back(self, endpoint):
+        bound, size, count = 32 * MiB, 8 * MiB, 64
+        server = endpoint(max_queued_bytes=bound)
+        self.require(server, "queue_limit")
+        if not os.path.exists("/proc/self/statm"):
+            pytest.skip("resident memory is measured through /proc (Linux)")
+        client = endpoint()
+        to_server = client.connect(server.listen(self.listen_host, 0))
+        to_client = self.greet(server, client, to_server)
+        msg = payload(size, 25)
+        sent = [0]
+
+        def flood() -> None:
+            for i in range(count):
+                client.send(to_server, [struct.pack("<I", i), msg])
+                sent[0] = i + 1
+
+        with _PeakRss() as mem:
+            sender = _Worker(flood)
+            sender.start()
+            last, since, deadline = -1, time.monotonic(), time.monotonic() + WAIT
+            while sent[0] < count and time.monotonic() < deadline:  # until the sender stalls
+                if sent[0] != last:
+                    last, since = sent[0], time.monotonic()
+                elif time.monotonic() - since > 0.5:
+                    break
+                time.sleep(0.02)
+            stalled_at = sent[0]
+            held_back = mem.growth
+            for i in range(count):
+                peer, frames = recv_within(server)
+                assert peer == to_client and struct.unpack("<I", frames[0])[0] == i, f"message {i} out of order"
+                assert memoryview(frames[1]).nbytes == size
+            del frames
+            sender.outcome(WAIT)
+        assert stalled_at < count, f"all {count} messages of {size >> 20} MiB went in while nobody called recv"
+        # the queue's bound, one message over it, one half received, and room for buffers and rings
+        allowed = bound + 2 * size + 64 * MiB
+        assert mem.growth < allowed, (
+            f"resident memory grew by {mem.growth >> 20} MiB ({held_back >> 20} MiB while recv was not called) "
+            f"for max_queued_bytes={bound >> 20} MiB; {count} x {size >> 20} MiB were sent")

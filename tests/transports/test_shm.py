@@ -64,6 +64,7 @@ class _ShmConformance(TransportConformance):
         client = endpoint()
         to_server = client.connect(server.listen(self.listen_host, 0))
         assert client.shared_memory_peers() == [to_server], "the same-host proof failed on loopback"
+        self.greet(server, client, to_server)
         return server, client, to_server
 
 
@@ -99,6 +100,9 @@ def endpoints(shm_dir):
 
 
 def _round_trip(server, client, to_server, frames):
+    """After a small first message (large ones are refused before a peer is trusted), ``frames`` to
+    the server and back; returns the server's handle of the client."""
+    TransportConformance.greet(server, client, to_server)
     client.send(to_server, frames)
     peer, got = recv_within(server)
     for g, f in zip(got, frames):
@@ -297,6 +301,7 @@ def test_a_stopped_peer_fails_a_send_in_time_and_a_killed_one_leaves_nothing(end
         assert addr.startswith("tcp://"), addr
         client = endpoints(ring_bytes=1 << 20, send_timeout=1.0)
         to_server = client.connect(addr)
+        client.send(to_server, [b"hello"])
         client.send(to_server, [b"hi", payload(1 << 20, 1)])
         assert client.shared_memory_peers() == [to_server]
         os.kill(server.pid, signal.SIGSTOP)
@@ -311,3 +316,39 @@ def test_a_stopped_peer_fails_a_send_in_time_and_a_killed_one_leaves_nothing(end
         if server.poll() is None:
             server.kill()
             server.wait(10)
+
+
+def test_disconnect_releases_the_rings(endpoints, shm_dir):
+    server = endpoints()
+    client = endpoints()
+    to_server = client.connect(server.listen("127.0.0.1", 0))
+    to_client = _round_trip(server, client, to_server, [payload(2 * MiB, 10)])
+    assert server.shared_memory_peers() == [to_client]
+    client.send(to_server, [payload(3 * MiB, 11)])  # waits for recv, in the buffer it was copied to
+    time.sleep(0.2)
+    server.disconnect(to_client)
+    assert server.shared_memory_peers() == [] and server.recv(0.2) is None
+    deadline = time.monotonic() + 10
+    while client.broken(to_server) is None and time.monotonic() < deadline:
+        client.recv(0.05)
+    assert client.broken(to_server) and client.shared_memory_peers() == []
+    assert os.listdir(shm_dir) == []
+
+
+def test_a_connecting_side_whose_queue_is_full_still_proves_the_same_host(endpoints):
+    other = endpoints()
+    client = endpoints(max_queued_bytes=1 << 16)
+    to_other = client.connect(other.listen("127.0.0.1", 0))
+    to_client = _round_trip(other, client, to_other, [b"x"])
+    other.send(to_client, [payload(1 * MiB, 12)])  # fills the client's queue: it reads nothing more
+    deadline = time.monotonic() + 10
+    while not client._full and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client._full
+    server = endpoints()
+    start = time.monotonic()
+    to_server = client.connect(server.listen("127.0.0.1", 0))
+    assert time.monotonic() - start < 2.0 and client.shared_memory_peers() == [to_other, to_server]
+    back, frames = recv_within(client)
+    assert back is to_other and frames[0].nbytes == 1 * MiB
+    _round_trip(server, client, to_server, [payload(2 * MiB, 13)])

@@ -243,6 +243,7 @@ class ShmTransport(TcpTransport):
             log.info("no shared memory with %s: cannot create a ring in %s: %s", conn.peer, self.shm_directory, exc)
             return
         hs = conn.handshake = _Handshake(ring)
+        self._watch("refresh", conn)  # read even while recv() is behind: the answer must come through
         try:
             self._send(conn, CONTROL, [memoryview(b"hello"), memoryview(ring.name.encode()), memoryview(token),
                                        memoryview(SIZE.pack(ring.capacity))])
@@ -305,16 +306,17 @@ class ShmTransport(TcpTransport):
         elif what == b"confirm":
             self._confirm(conn, frames)
         elif what == b"refuse" and conn.tx_ring is None:  # after confirm, the rings stay: sends may use them
-            log.info("no shared memory with %s: it refused: %s", conn.peer, bytes(frames[-1]).decode(errors="replace"))
+            self._log(logging.INFO, "shm", "no shared memory with %s: it refused: %s", conn.peer,
+                      bytes(frames[-1][:200]).decode(errors="replace"))
             self._release(conn)
 
     def _hello(self, conn: Connection, frames: list[memoryview]) -> None:
-        if self.shm_directory is None:
-            self._send_control_now(conn, [b"refuse", b"the listener has no shared-memory directory"])
-            return
         if getattr(conn, "hello_seen", False):
             raise ProtocolError("a second hello")
         conn.hello_seen = True
+        if self.shm_directory is None:
+            self._send_control_now(conn, [b"refuse", b"the listener has no shared-memory directory"])
+            return
         if len(frames) != 4 or frames[3].nbytes != SIZE.size:
             self._send_control_now(conn, [b"refuse", b"malformed hello"])
             return
@@ -322,7 +324,7 @@ class ShmTransport(TcpTransport):
         try:
             rx = Ring.open(self.shm_directory, name, SIZE.unpack(frames[3])[0], bytes(frames[2]))
         except Refused as exc:
-            log.info("no shared memory with %s: %s", conn.peer, exc)
+            self._log(logging.INFO, "shm", "no shared memory with %s: %s", conn.peer, exc)
             self._send_control_now(conn, [b"refuse", str(exc).encode()])
             return
         try:
@@ -345,7 +347,8 @@ class ShmTransport(TcpTransport):
         if len(frames) == 2 and hmac.compare_digest(tx.echo(), bytes(frames[1])):
             conn.tx_ring = tx
         else:
-            log.info("no shared memory to %s: its write did not show in this side's memory", conn.peer)
+            self._log(logging.INFO, "shm", "no shared memory to %s: its write did not show in this side's memory",
+                      conn.peer)
             tx.close()
 
     def _release(self, conn: Connection) -> None:

@@ -10,12 +10,22 @@ Wire format of one message (all integers little-endian)::
 
 The receiver checks the prefix and the lengths before it allocates anything: a bad magic or version,
 too many frames, or a message over ``max_message_bytes`` drops that connection (with a warning that
-names the peer) and the endpoint serves on.  A message is read into one buffer of its total size and
-its frames come out of ``recv`` as memoryview slices of it.  Sending hands the caller's buffers to
-the kernel with ``sendmsg`` (scatter-gather, no concatenation) and returns once all of it is there.
+names the peer) and the endpoint serves on.  On an accepted connection the first data message (the
+peer's handshake, before anyone trusts it) must fit ``max_first_message_bytes``, and nothing after
+it is read until ``recv`` has handed it out: while it waits in the queue, an unauthenticated peer
+cannot make this endpoint buffer anything more, and once the application has it, it can
+``disconnect`` a peer that fails authentication.  A message is read into one buffer of its total
+size and its frames come out of ``recv`` as memoryview slices of it.  Sending hands the caller's
+buffers to the kernel with ``sendmsg`` (scatter-gather, no concatenation) and returns once all of
+it is there.
 
 One background thread per endpoint reads every connection (selectors), so two endpoints sending each
-other large messages at once never deadlock: both keep reading while they write.
+other large messages at once never deadlock: both keep reading while they write.  When the messages
+waiting for ``recv`` hold more than ``max_queued_bytes``, that thread stops reading connections (it
+still accepts new ones) until ``recv`` has taken them down to half of it; senders then wait, as for
+any slow reader.  A message larger than the bound still comes through, on its own.  The thread
+never blocks on a send, so this bound adds no deadlock between endpoints that each receive.
+Warnings a peer can cause are rate-limited: the first 20 of a kind, then one in 1000, with a count.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import re
 import select
 import selectors
@@ -32,6 +41,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
@@ -51,9 +61,12 @@ PREFIX = struct.Struct("<4sBBHI")
 MARKER = struct.Struct("<QQ")  # a shared-memory chunk: its position in the ring, its length
 SHM_FLAG = 1 << 63
 MAX_CONTROL_BYTES = 1 << 16
+MAX_CONTROL_FRAMES = 8  # the largest control message (shm's accept) has 5
 STAGING_BYTES = 256 << 10  # small reads go through this buffer; large frames are read in place
 DIRECT_BYTES = 64 << 10  # a frame part at least this long is received straight into the message
 READS_PER_WAKE = 16  # then the receiver thread looks at the other connections again
+ACCEPT_REST = 0.1  # seconds a listener rests after accept() failed (out of descriptors): no busy loop
+LOG_FIRST, LOG_EVERY = 20, 1000  # warnings a peer can cause: the first ones, then one in this many
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Linux's value where the socket module does not name it; linear RTOs help thin request/reply flows
 TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16 if sys.platform == "linux" else None)
@@ -84,11 +97,14 @@ class ProtocolError(Exception):
 class Peer:
     """The handle of one connection. Hashable by identity; ``address`` is the remote end."""
 
-    __slots__ = ("address", "outbound")
+    # why the connection broke lives here, not in a table of the endpoint: a flood of connections
+    # leaves nothing behind once their handles are dropped
+    __slots__ = ("address", "outbound", "_broken")
 
     def __init__(self, address: str, outbound: bool):
         self.address = address
         self.outbound = outbound
+        self._broken: str | None = None
 
     def __str__(self) -> str:
         return self.address
@@ -106,6 +122,27 @@ def parse_address(address: str) -> tuple[str, int]:
     if m is None or not 0 < int(m["port"]) < 65536:
         raise TransportError(f"cannot use address {address!r}: expected tcp://HOST:PORT (IPv6 as tcp://[HOST]:PORT)")
     return m["v6"] or m["host"], int(m["port"])
+
+
+class LogLimit:
+    """Log lines that peers can cause, counted per kind: the first ``first`` are logged, then one in
+    ``every`` with the count so far, so that a flood of bad connections cannot flood the log."""
+
+    def __init__(self, first: int = LOG_FIRST, every: int = LOG_EVERY):
+        self.first, self.every = first, every
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, kind: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        with self._lock:
+            n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n < self.first:
+            log.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
+        elif n == self.first:
+            log.log(level, msg + " (%d such lines; from now on only one in %d is logged)", *args, n, self.every,
+                    exc_info=exc_info, stacklevel=2)
+        elif n % self.every == 0:
+            log.log(level, msg + " (%d such lines so far)", *args, n, exc_info=exc_info, stacklevel=2)
 
 
 def _byte_view(frame: Any, i: int) -> memoryview:
@@ -132,10 +169,15 @@ class Connection:
         # could write into the new socket): whoever ends the last of these closes it
         self.watched = False
         self.sending = False
+        self.registered = False  # in the receiver thread's selector (the receiver thread's own)
+        self.disconnected = False  # by disconnect(): nothing more of it reaches recv
+        # an accepted connection's first data message is bounded, and nothing after it is read until
+        # the application has taken it (the peer is not trusted yet)
+        self.first_pending = not peer.outbound
+        self.held = False
+        self.handshake: Any = None  # transport 'shm': the same-host proof under way (outbound)
         self.tx_ring: Any = None  # shared-memory rings, set up by transport 'shm'
         self.rx_ring: Any = None
-        self.staging = bytearray(STAGING_BYTES)
-        self.staging_mv = memoryview(self.staging)
         self.prefix = bytearray(PREFIX.size)
         self.marker = bytearray(MARKER.size)
         self._expect_prefix()
@@ -146,15 +188,26 @@ class Connection:
         self.want = memoryview(self.prefix)
         self.on_filled = self._got_prefix
 
+    def drop_rx(self) -> None:
+        """Forget a message half received: its buffer goes now, not whenever the handle does."""
+        for name in ("lengths_buf", "body", "frames", "flags", "shm_left"):
+            self.__dict__.pop(name, None)
+        self._expect_prefix()
+
     def _got_prefix(self) -> None:
         magic, version, kind, reserved, n = PREFIX.unpack(self.prefix)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r} (not a kvframe tcp peer?)")
         if version != VERSION or kind not in (DATA, CONTROL) or reserved:
             raise ProtocolError(f"unknown wire version {version}, message kind {kind} or reserved field {reserved}")
-        limit = self.transport.config.max_frames
+        limit = self.transport.config.max_frames if kind == DATA else MAX_CONTROL_FRAMES
         if not 1 <= n <= limit:
-            raise ProtocolError(f"a message of {n} frames (allowed: 1 to {limit})")
+            raise ProtocolError(f"a {'message' if kind == DATA else 'control message'} of {n} frames "
+                                f"(allowed: 1 to {limit})")
+        first = self.transport.config.max_first_message_bytes
+        if kind == DATA and self.first_pending and 8 * n > first:  # its lengths alone would not fit
+            raise ProtocolError(f"a first message of {n} frames: its lengths table is over the limit of {first} "
+                                "bytes for a connection's first message (max_first_message_bytes)")
         self.kind, self.nframes = kind, n
         self.lengths_buf = bytearray(8 * n)  # at most 8 MiB, bounded by max_frames
         self.want = memoryview(self.lengths_buf)
@@ -166,9 +219,15 @@ class Connection:
         flags = [x >= SHM_FLAG for x in raw]
         lengths = [x & (SHM_FLAG - 1) for x in raw]
         total = sum(lengths)
-        limit = self.transport.config.max_message_bytes if self.kind == DATA else MAX_CONTROL_BYTES
+        config = self.transport.config
+        if self.kind == CONTROL:
+            what, limit = "control message", MAX_CONTROL_BYTES
+        elif self.first_pending:
+            what, limit = "first message", min(config.max_first_message_bytes, config.max_message_bytes)
+        else:
+            what, limit = "message", config.max_message_bytes
         if total > limit:
-            raise ProtocolError(f"a message of {total} bytes is over the limit of {limit} bytes")
+            raise ProtocolError(f"a {what} of {total} bytes is over the limit of {limit} bytes")
         if any(flags) and (self.kind != DATA or self.rx_ring is None):
             raise ProtocolError("a shared-memory frame on a connection without shared memory")
         self.body = np.empty(total, dtype=np.uint8)
@@ -179,6 +238,7 @@ class Connection:
             self.frames.append(body[off:off + n])
             off += n
         self.flags = flags
+        self.total = total
         self.index = -1
         self._next_frame()
 
@@ -189,7 +249,7 @@ class Connection:
                 frames, kind = self.frames, self.kind
                 del self.frames, self.body, self.flags
                 self._expect_prefix()
-                self.transport._deliver(self, kind, frames)
+                self.transport._deliver(self, kind, frames, self.total)
                 return
             frame = self.frames[self.index]
             if not frame.nbytes:
@@ -222,8 +282,11 @@ class Connection:
 
     def on_readable(self) -> bool:
         """Read what the socket has (a bounded amount); False once the peer has closed."""
-        recv_into = self.sock.recv_into
+        t = self.transport
+        recv_into, staging, staging_mv = self.sock.recv_into, t._staging, t._staging_mv
         for _ in range(READS_PER_WAKE):
+            if not t._may_read(self):  # held, disconnected, or recv() is behind: stop at once
+                return True
             if self.want.nbytes >= DIRECT_BYTES:
                 try:
                     n = recv_into(self.want)
@@ -233,38 +296,57 @@ class Connection:
                     return False
                 self._advance(n)
                 continue
+            # until its first message is through, an accepted connection is read no further than
+            # what is due, so that nothing after that message is buffered or allocated
+            size = min(self.want.nbytes, STAGING_BYTES) if self.first_pending else STAGING_BYTES
             try:
-                n = recv_into(self.staging)
+                n = recv_into(staging, size)
             except (BlockingIOError, InterruptedError):
                 return True
             if not n:
                 return False
-            pos, staging = 0, self.staging_mv
+            pos = 0
             while pos < n:  # every byte read goes where the state machine wants it
                 k = min(self.want.nbytes, n - pos)
-                self.want[:k] = staging[pos:pos + k]
+                self.want[:k] = staging_mv[pos:pos + k]
                 pos += k
                 self._advance(k)
-            if n < len(self.staging):
+            if n < size:
                 return True  # the socket is drained
         return True
 
 
 class TcpTransport:
-    """A ``tcp`` endpoint (see the module docstring). Extra public API: :meth:`broken`."""
+    """A ``tcp`` endpoint (see the module docstring). Extra public API: :meth:`broken`,
+    :meth:`disconnect`, :meth:`peers`."""
 
     scheme = "tcp"
+    # honoured as the conformance suite (kvframe.testing.TransportConformance) tests them
+    supports_first_message_limit = True
+    supports_queue_limit = True
+    disconnect_discards_queued = True
 
     def __init__(self, config: TcpOptions | None = None):
         self.config = config or TcpConfig()
-        self._queue: queue.Queue = queue.Queue()
         self._conns: dict[Peer, Connection] = {}
         self._open: set[Connection] = set()  # connections whose socket is not closed yet
-        self._broken: dict[Peer, str] = {}
         self._listeners: list[socket.socket] = []
-        self._lock = threading.Lock()  # guards the two dicts, the listeners and the pending list
-        self._pending: list[tuple[str, Any]] = []  # sockets for the receiver thread to watch
+        self._lock = threading.Lock()  # guards the dict, the set, the listeners and the pending list
+        self._pending: list[tuple[str, Any]] = []  # work for the receiver thread
         self._closed = False
+        # messages waiting for recv: (peer, frames, bytes, the connection if it is its first message)
+        self._items: deque[tuple[Peer, list[memoryview], int, Connection | None]] = deque()
+        self._queued = 0  # their bytes
+        self._full = False  # over max_queued_bytes: nothing is read until recv() took it down to half
+        self._qcond = threading.Condition(threading.Lock())  # guards the three above
+        self._log = LogLimit()
+        # the receiver thread's own: one staging buffer for every connection (it reads one at a time),
+        # the connections it watches, whether it paused them for a full queue, listeners at rest
+        self._staging = bytearray(STAGING_BYTES)
+        self._staging_mv = memoryview(self._staging)
+        self._rx_conns: set[Connection] = set()
+        self._rx_paused = False
+        self._resting: list[tuple[float, socket.socket]] = []
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -307,22 +389,45 @@ class TcpTransport:
         self._send(self._conn(peer), DATA, views)
 
     def recv(self, timeout: float | None) -> tuple[Peer, list[memoryview]] | None:
-        try:
-            if timeout is not None and timeout <= 0:
-                item = self._queue.get_nowait()
-            else:
-                item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is None:  # close() woke us
-            self._queue.put(None)
-            return None
-        return item
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._qcond:
+            while not self._items:
+                left = None if deadline is None else deadline - time.monotonic()
+                if self._closed or (left is not None and left <= 0):
+                    return None
+                self._qcond.wait(left)
+            peer, frames, nbytes, first = self._items.popleft()
+            self._queued -= nbytes
+            wake = self._room_made()
+        if first is not None:  # the caller has it now (and may disconnect the peer): read on
+            self._watch("resume", first)
+        elif wake:
+            self._wake()
+        return peer, frames
 
     def broken(self, peer: Hashable) -> str | None:
         """Why the connection to ``peer`` broke, or None while it works (or for an unknown handle).
         ``recv`` never raises for a broken peer; a caller that waits for a reply asks this."""
-        return self._broken.get(peer)  # type: ignore[call-overload]
+        return peer._broken if isinstance(peer, Peer) else None
+
+    def disconnect(self, peer: Hashable) -> None:
+        """Drop ``peer`` (one that failed authentication) now: nothing more is read from it, its
+        connection is closed and its memory released, its messages still waiting for ``recv`` are
+        discarded, and sends to it raise TransportError. Idempotent."""
+        conn = self._conns.get(peer)  # type: ignore[call-overload]
+        if conn is not None:
+            conn.disconnected = True  # before it is marked broken: _deliver checks in that order
+            self._fail(conn, "disconnected by this endpoint")
+        elif self.broken(peer) is None:
+            raise TransportError(f"unknown peer {peer!r}: not a handle from this endpoint's connect or recv")
+        wake = False
+        with self._qcond:
+            if any(item[0] is peer for item in self._items):
+                self._items = deque(item for item in self._items if item[0] is not peer)
+                self._queued = sum(item[2] for item in self._items)
+                wake = self._room_made()
+        if wake:
+            self._wake()
 
     def peers(self) -> list[Peer]:
         """The handles of every connection that works now."""
@@ -348,7 +453,13 @@ class TcpTransport:
         if not self._thread.is_alive():
             self._sel.close()
             self._wake_r.close()
-        self._queue.put(None)
+            self._rx_conns.clear()
+            with self._lock:
+                self._pending.clear()
+        with self._qcond:  # what nobody received goes now; a blocked recv returns None
+            self._items.clear()
+            self._queued = 0
+            self._qcond.notify_all()
         self._closed_hook()
 
     def __enter__(self) -> TcpTransport:
@@ -382,7 +493,7 @@ class TcpTransport:
     def _conn(self, peer: Hashable) -> Connection:
         conn = self._conns.get(peer)  # type: ignore[call-overload]
         if conn is None or conn.broken is not None:
-            reason = self._broken.get(peer) if conn is None else conn.broken  # type: ignore[call-overload]
+            reason = self.broken(peer) if conn is None else conn.broken
             if self._closed:
                 reason = "this endpoint is closed"
             if reason is None:
@@ -534,7 +645,8 @@ class TcpTransport:
             self._open.add(conn)
             conn.watched = True  # from now until the receiver thread lets go of it
         if threading.current_thread() is self._thread:
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._rx_conns.add(conn)
+            self._refresh(conn)
         else:
             self._watch("conn", conn)
         return conn
@@ -546,7 +658,7 @@ class TcpTransport:
             if conn.broken is not None:
                 return
             conn.broken = reason
-            self._broken[conn.peer] = reason
+            conn.peer._broken = reason
             self._conns.pop(conn.peer, None)
         log.debug("connection to %s ended: %s", conn.peer, reason)
         try:
@@ -554,6 +666,8 @@ class TcpTransport:
         except OSError:
             pass
         self._dropped(conn)
+        if threading.current_thread() is not self._thread:
+            self._watch("refresh", conn)  # it may be out of the selector (paused): let go of it now
 
     def _shut(self, conn: Connection, reason: str) -> None:
         self._fail(conn, reason)
@@ -572,6 +686,33 @@ class TcpTransport:
         if self._closed:
             raise TransportError("this endpoint is closed")
 
+    # the receive queue -------------------------------------------------------------------------
+    def _deliver(self, conn: Connection, kind: int, frames: list[memoryview], nbytes: int) -> None:
+        """A whole message came (the receiver thread)."""
+        if kind != DATA:
+            self._on_control(conn, frames)
+            return
+        first = None
+        if conn.first_pending:
+            conn.first_pending = False
+            conn.held = True  # read on once recv() has handed this out
+            first = conn
+        with self._qcond:
+            if conn.disconnected:  # disconnect() came while this was read
+                return
+            self._items.append((conn.peer, frames, nbytes, first))
+            self._queued += nbytes
+            if self._queued > self.config.max_queued_bytes:
+                self._full = True  # _may_read says no from now on
+            self._qcond.notify()
+
+    def _room_made(self) -> bool:
+        """Whether the queue just dropped to half its bound after it filled (``_qcond`` held)."""
+        if self._full and self._queued <= self.config.max_queued_bytes // 2:
+            self._full = False
+            return True
+        return False
+
     # the receiver thread -------------------------------------------------------------------------
     def _watch(self, what: str, obj: Any) -> None:
         with self._lock:
@@ -584,17 +725,40 @@ class TcpTransport:
         except OSError:  # full (a wake-up is pending anyway) or closed
             pass
 
-    def _deliver(self, conn: Connection, kind: int, frames: list[memoryview]) -> None:
-        if kind == DATA:
-            self._queue.put((conn.peer, frames))
-        else:
-            self._on_control(conn, frames)
+    def _may_read(self, conn: Connection) -> bool:
+        # while the queue is full, a connection still proving the same host is read (only control
+        # messages come then), so that its connect() need not time out
+        return conn.broken is None and not conn.held and (not self._full or conn.handshake is not None)
+
+    def _refresh(self, conn: Connection) -> None:
+        """Watch ``conn``'s socket exactly while it may be read; let go of it once it is broken."""
+        if conn not in self._rx_conns:
+            return
+        if conn.broken is not None:
+            if conn.registered:
+                self._sel.unregister(conn.sock)
+                conn.registered = False
+            self._rx_conns.discard(conn)
+            conn.drop_rx()
+            conn.watched = False
+            self._release_socket(conn)
+            return
+        want = self._may_read(conn)
+        if not want and self._full:
+            self._rx_paused = True  # so that _run registers it again once recv() made room
+        if want != conn.registered:
+            if want:
+                self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            else:
+                self._sel.unregister(conn.sock)
+            conn.registered = want
 
     def _run(self) -> None:
         sel = self._sel
         while not self._closed:
+            timeout = max(0.0, self._resting[0][0] - time.monotonic()) if self._resting else None
             try:
-                events = sel.select()
+                events = sel.select(timeout)
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
@@ -605,9 +769,19 @@ class TcpTransport:
                 if obj is None:
                     self._drain_wake()
                 elif isinstance(obj, Connection):
-                    self._pump(obj)
+                    if obj.registered:  # not let go of earlier in this round
+                        self._pump(obj)
                 else:
                     self._accept(key.fileobj)  # type: ignore[arg-type]
+            full = self._full
+            if full != self._rx_paused:  # the queue filled up, or recv() made room: (un)pause them all
+                self._rx_paused = full
+                for conn in list(self._rx_conns):
+                    self._refresh(conn)
+            if self._resting and self._resting[0][0] <= time.monotonic():
+                _, sock = self._resting.pop(0)
+                if not self._closed:
+                    sel.register(sock, selectors.EVENT_READ, "listener")
 
     def _drain_wake(self) -> None:
         try:
@@ -620,11 +794,12 @@ class TcpTransport:
         for what, obj in pending:
             if what == "listener":
                 self._sel.register(obj, selectors.EVENT_READ, "listener")
-            elif obj.broken is None:
-                self._sel.register(obj.sock, selectors.EVENT_READ, obj)
-            else:  # failed before it was ever watched
-                obj.watched = False
-                self._shut(obj, obj.broken)
+                continue
+            if what == "conn":
+                self._rx_conns.add(obj)
+            elif what == "resume":
+                obj.held = False
+            self._refresh(obj)
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):
@@ -632,8 +807,10 @@ class TcpTransport:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
-                log.warning("accepting a connection failed: %s", exc)
+            except OSError as exc:  # e.g. out of file descriptors: rest, rather than spin on it
+                self._log(logging.WARNING, "accept", "accepting a connection failed: %s", exc)
+                self._sel.unregister(listener)
+                self._resting.append((time.monotonic() + ACCEPT_REST, listener))
                 return
             try:
                 self._add(sock, Peer(format_address(addr[0], addr[1]), outbound=False))
@@ -641,25 +818,25 @@ class TcpTransport:
                 return
 
     def _pump(self, conn: Connection) -> None:
+        reason = None
         try:
-            alive = conn.on_readable()
-            reason = None if alive else "closed by the peer"
+            if not conn.on_readable():
+                reason = "closed by the peer"
         except ProtocolError as exc:
             reason = f"dropped: {exc}"
-            log.warning("dropping the connection with %s: %s", conn.peer, exc)
+            self._log(logging.WARNING, "drop", "dropping the connection with %s: %s", conn.peer, exc)
         except OSError as exc:
             reason = f"the connection broke ({exc.strerror or exc})"
         except MemoryError:
             reason = "dropped: out of memory for its message"
-            log.warning("dropping the connection with %s: no memory for its message", conn.peer)
+            self._log(logging.WARNING, "drop", "dropping the connection with %s: no memory for its message",
+                      conn.peer)
         except Exception as exc:  # a bug must not stop the thread that serves every other peer
             reason = f"dropped: {type(exc).__name__}: {exc}"
-            log.exception("dropping the connection with %s", conn.peer)
-        reason = reason or conn.broken  # failed meanwhile, by a send
+            self._log(logging.ERROR, "bug", "dropping the connection with %s", conn.peer, exc_info=True)
         if reason is not None:
-            self._sel.unregister(conn.sock)
-            conn.watched = False
-            self._shut(conn, reason)
+            self._fail(conn, reason)
+        self._refresh(conn)  # out of the selector if it broke, is held or must wait for recv()
 
 
 def make_transport(config: TcpOptions) -> TcpTransport:
