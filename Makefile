@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # every distribution in the repository, installed editable; the test plugin package too
-PACKAGES := . $(dir $(wildcard backends/*/pyproject.toml)) compressors optimizers transports tests/plugins
+PACKAGES := . $(dir $(wildcard backends/*/pyproject.toml)) compressors optimizers transports integrations/torch tests/plugins
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(wildcard backends/*/pyproject.toml) compressors/pyproject.toml optimizers/pyproject.toml tests/plugins/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml $(wildcard backends/*/pyproject.toml) compressors/pyproject.toml optimizers/pyproject.toml transports/pyproject.toml integrations/torch/pyproject.toml tests/plugins/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing kvframe's packages into $(VENV) (log: $(VENV)/install.log)"
 	@( $(PY) -m pip install -q --upgrade pip && \
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kvframe backends transports compressors optimizers tests benchmarks examples
+	$(VENV)/bin/ruff check kvframe backends transports compressors optimizers integrations tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -6,18 +6,35 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvframe.config import CompressionConfig
+
+RMS_THRESHOLD = 1.0  # the default threshold of threshold_scale='rms', in RMS units (see TwoBitConfig)
 
 
 class TwoBitConfig(CompressionConfig):
     """MXNet's 2-bit compression: values become +threshold, -threshold or 0; the rest is carried
-    over in a per-device residual."""
+    over in a per-device residual.
+
+    ``threshold_scale='absolute'`` (MXNet's) takes ``threshold`` in the gradient's own units, so a
+    good value depends on the model, the loss and the batch. ``'rms'`` makes it scale-free: the
+    threshold of each push is ``threshold`` times the root-mean-square of that key's
+    residual-corrected gradient (per shard in dist stores), and travels in front of the codes;
+    the default (1.0) needs no tuning. Arrays of fewer than ``raw_below`` elements (biases,
+    metrics) then travel uncompressed, exactly.
+    """
 
     type: Literal["2bit"] = "2bit"
     threshold: float = Field(0.5, gt=0, allow_inf_nan=False,
-                             description="quantisation threshold t > 0: a residual >= t sends +t, <= -t sends -t")
+                             description="quantisation threshold t > 0: a residual >= t sends +t, <= -t sends -t "
+                                         "(threshold_scale='rms': in units of the RMS of each push; default "
+                                         f"{RMS_THRESHOLD} there)")
+    threshold_scale: Literal["absolute", "rms"] = Field(
+        "absolute", description="'absolute': threshold in gradient units (MXNet's). 'rms': a multiple of the RMS of "
+                                "each key's residual-corrected gradient, per push (scale-free)")
+    raw_below: int = Field(256, ge=0, description="threshold_scale='rms': arrays of fewer elements are sent "
+                                                  "uncompressed (exact); 0: none. Ignored by 'absolute'")
 
     @field_validator("threshold")
     @classmethod
@@ -25,6 +42,12 @@ class TwoBitConfig(CompressionConfig):
         if not (np.float32(v) > 0 and math.isfinite(np.float32(v))):
             raise ValueError(f"threshold must be a positive, finite float32; {v!r} is not one after rounding")
         return v
+
+    @model_validator(mode="after")
+    def _rms_default(self):
+        if self.threshold_scale == "rms" and "threshold" not in self.model_fields_set:
+            self.threshold = RMS_THRESHOLD
+        return self
 
 
 class OneBitConfig(CompressionConfig):

@@ -9,6 +9,13 @@ Wire layouts (identical to MXNet's):
   most significant bit first; 1 means +1, 0 means -1.
 
 The payload is returned as uint8 (``payload.view(numpy.float32)`` is MXNet's compressed array).
+
+2bit with ``threshold_scale='rms'`` (scale-free; not MXNet's) prefixes one float32 word, the value
+``v`` this push sends (codes 11 and 10 decode to ``+v`` and ``-v``), followed by the codes above:
+with ``x`` the residual-corrected gradient, the values with ``|x| >= threshold * RMS(x)`` are sent,
+and ``v`` is the mean of their ``|x|`` (the least-squares value for them). Or the word is ``-1``,
+followed by the raw float32 values: arrays of fewer than ``raw_below`` elements, and pushes whose
+RMS is not finite (the residual is then cleared).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def _lut_1bit() -> np.ndarray:
     return np.where(bits == 1, np.float32(1), np.float32(-1)).astype(np.float32)
 
 
+_RAW = np.float32(-1)  # rms payload header: raw float32 values follow
+
+
 class TwoBit(BaseCompressor):
     name = "2bit"
     block_multiple = 16
@@ -51,44 +61,131 @@ class TwoBit(BaseCompressor):
         self.threshold = np.float32(config.threshold)
         self._neg = np.float32(-self.threshold)
         self._lut = _lut_2bit(self.threshold)
+        self.rms = getattr(config, "threshold_scale", "absolute") == "rms"
+        self.raw_below = int(getattr(config, "raw_below", 0) or 0)
+        if self.rms:
+            self.block_multiple = None  # each push's threshold depends on the whole array
+
+    def _codes_nbytes(self, size: int) -> int:
+        return 4 * (-(-int(size) // 16))
 
     def compressed_nbytes(self, size: int) -> int:
-        return 4 * (-(-int(size) // 16))
+        """Bytes of the payload for ``size`` values (rms scale: the codes' form, plus the header)."""
+        if not self.rms:
+            return self._codes_nbytes(size)
+        return 4 + (4 * int(size) if int(size) < self.raw_below else self._codes_nbytes(size))
 
     # encode ----------------------------------------------------------------------------------
     def encode(self, grad: Any, residual: Any) -> Any:
         self._check_pair(grad, residual)
+        if self.rms:
+            return self._encode_rms(grad, residual)
         if array_module(grad) is not np:
             from kvframe_compressors import _cuda
 
             return _cuda.encode_2bit(grad, residual, self.threshold, self.compressed_nbytes(grad.size))
-        g = flat_input(grad)
-        r = flat_inplace(residual, "residual")
-        n = g.size
-        out = np.empty(self.compressed_nbytes(n), np.uint8)
+        out = np.empty(self.compressed_nbytes(grad.size), np.uint8)
+        self._encode_codes(flat_input(grad), flat_inplace(residual, "residual"), out, self.threshold, self._neg)
+        return out
+
+    def _encode_codes(self, g: np.ndarray | None, r: np.ndarray, out: np.ndarray, t: np.float32,
+                      neg_t: np.float32, v: np.float32 | None = None) -> None:
+        """Fold ``g`` into ``r`` (unless None) and write the codes of threshold ``t`` into ``out``;
+        a value sent is ``+-v`` (MXNet's: ``v = t``), taken from the residual."""
+        n = r.size
         used = -(-n // 4)
         out[used:] = 0
-        t, neg_t = self.threshold, self._neg
+        v = t if v is None else v
         if n <= BLOCK:
-            self._encode_block(r, g, out[:used], t, neg_t)
-            return out
+            self._encode_block(r, g, out[:used], t, neg_t, v)
+            return
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):
                 e = min(s + BLOCK, hi)
-                self._encode_block(r[s:e], g[s:e], out[s // 4:-(-e // 4)], t, neg_t)
+                self._encode_block(r[s:e], None if g is None else g[s:e], out[s // 4:-(-e // 4)], t, neg_t, v)
 
         run_ranges(work, n)
+
+    def _encode_rms(self, grad: Any, residual: Any) -> Any:
+        """The scale-free form. With ``x = residual + grad``: values with ``|x| >= t``, where ``t`` is
+        ``threshold`` x RMS(x), are sent as ``+-v``, ``v`` being the mean of their ``|x|`` (the value
+        that leaves the least error over them); ``v`` travels first, the rest stays in the residual."""
+        xp = array_module(grad)
+        n = grad.size
+        if xp is np:
+            g, r = flat_input(grad), flat_inplace(residual, "residual")
+        else:
+            g, r = grad.reshape(-1), residual.reshape(-1)
+            if not residual.flags.c_contiguous:
+                raise ValueError("the residual must be a C-contiguous array (it is updated in place)")
+        if n < self.raw_below or n == 0:
+            return self._raw(xp, r, g)
+        r += g
+        mag = xp.abs(r)
+        rms = float(xp.sqrt(xp.dot(mag, mag) / n))
+        if not np.isfinite(rms):  # NaN or inf: sent once, never kept in the residual
+            return self._raw(xp, r, None)
+        t = np.float32(self.threshold * rms)
+        above = mag >= t
+        count = int(xp.count_nonzero(above))
+        if count and t > 0:
+            total = np.dot(mag, above.astype(np.float32)) if xp is np else (mag * above).sum(dtype=np.float64)
+            v = np.float32(float(total) / count)
+        else:
+            v = np.float32(0)
+        out = xp.empty(4 + self._codes_nbytes(n), np.uint8)
+        out[:4] = xp.asarray(np.array([v], np.float32).view(np.uint8))
+        if not v > 0:  # an all-zero push (or one too small for float32): nothing to send
+            out[4:] = 0
+            return out
+        if xp is np:
+            self._encode_codes(None, r, out[4:], t, np.float32(-t), v)
+        else:
+            self._encode_codes_xp(xp, r, out[4:], t, v)
         return out
 
     @staticmethod
-    def _encode_block(r: np.ndarray, g: np.ndarray, out: np.ndarray, t: np.float32, neg_t: np.float32) -> None:
+    def _encode_codes_xp(xp: Any, r: Any, out: Any, t: np.float32, v: np.float32) -> None:
+        """The codes of ``r`` for threshold ``t`` and value ``v`` with array operations (cupy), in
+        the layout of the CPU blocks: 4 values per byte, the first in bits 7-6."""
+        n = r.size
+        pos = r >= t
+        neg = r <= -t
+        r -= (pos.astype(np.float32) - neg.astype(np.float32)) * v
+        codes = pos.astype(np.uint8) * 3 + neg.astype(np.uint8) * 2
+        npad = -(-n // 4) * 4
+        if npad != n:
+            codes = xp.concatenate([codes, xp.zeros(npad - n, np.uint8)])
+        q = codes.reshape(-1, 4)
+        packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
+        out[:] = 0
+        out[:packed.size] = packed
+
+    @staticmethod
+    def _raw(xp: Any, r: Any, g: Any) -> Any:
+        """Header -1 and the exact values of ``r + g``; the residual becomes zero."""
+        n = r.size
+        out = xp.empty(4 + 4 * n, np.uint8)
+        out[:4] = xp.asarray(np.array([_RAW], np.float32).view(np.uint8))
+        values = out[4:].view(np.float32)
+        if g is None:
+            values[...] = r
+        else:
+            xp.add(r, g, out=values)
+        r[...] = 0
+        return out
+
+    @staticmethod
+    def _encode_block(r: np.ndarray, g: np.ndarray | None, out: np.ndarray, t: np.float32,
+                      neg_t: np.float32, v: np.float32) -> None:
         """One block (at most BLOCK values; ``out`` holds ceil(n / 4) bytes)."""
         n = r.size
         npad = (n + 3) & ~3
         b = scratch.block()
         pos, neg, q, d = b.pos[:npad], b.neg[:npad], b.q[:n], b.d[:n]
-        np.add(r, g, out=r)
+        if g is not None:
+            np.add(r, g, out=r)
         np.greater_equal(r, t, out=pos[:n])
         np.less_equal(r, neg_t, out=neg[:n])
         if npad > n:
@@ -97,7 +194,7 @@ class TwoBit(BaseCompressor):
         # r -= t where r >= t; r -= -t where r <= -t (exactly MXNet's float32 operations)
         np.subtract(pos[:n].view(np.int8), neg[:n].view(np.int8), out=q)
         np.copyto(d, q, casting="unsafe")
-        np.multiply(d, t, out=d)
+        np.multiply(d, v, out=d)
         np.subtract(r, d, out=r)
         # Codes 11 = +t, 10 = -t, 00: code = 2 * (pos | neg) + pos, computed on 4 values at once
         # (one little-endian uint32 holds the flags of 4 values, one per byte, so no carries).
@@ -115,15 +212,50 @@ class TwoBit(BaseCompressor):
     # decode ----------------------------------------------------------------------------------
     def decode(self, payload: Any, out: Any, accumulate: bool = False) -> Any:
         self.check_dtype(out.dtype, "output")
+        if self.rms:
+            return self._decode_rms(payload, out, accumulate)
         p = self._check_payload(payload, out)
         if array_module(out) is not np:
             from kvframe_compressors import _cuda
 
             return _cuda.decode_2bit(p, out, self.threshold, accumulate)
+        return self._decode_codes(p, out, accumulate, self._lut)
+
+    def _decode_rms(self, payload: Any, out: Any, accumulate: bool) -> Any:
+        xp = array_module(out)
+        if array_module(payload) is not xp:
+            raise TypeError(f"{self.name}: decode needs the payload on the same kind of array as out "
+                            f"(got {type(payload).__name__} and {type(out).__name__})")
+        p = payload.reshape(-1)
+        if p.dtype != np.uint8:
+            p = p.view(np.uint8)
+        n = out.size
+        if p.size < 4:
+            raise ValueError(f"{self.name}: a payload (rms scale) starts with its 4-byte value; got {p.size} bytes")
+        t = np.float32(float(p[:4].view(np.float32)[0]))
+        body = p[4:]
+        if t < 0:  # raw values
+            if body.size != 4 * n:
+                raise ValueError(f"{self.name}: raw payload for {n} elements has {4 * n + 4} bytes; got {p.size}")
+            values = body.view(np.float32).reshape(out.shape)
+            if accumulate:
+                out += values
+            else:
+                out[...] = values
+            return out
+        if body.size != self._codes_nbytes(n) or not np.isfinite(t):
+            raise ValueError(f"{self.name}: a payload for {n} elements has {4 + self._codes_nbytes(n)} bytes "
+                             f"and a finite value; got {p.size} bytes, value {t}")
+        if xp is not np:
+            from kvframe_compressors import _cuda
+
+            return _cuda.decode_2bit(body, out, t, accumulate)
+        return self._decode_codes(body, out, accumulate, _lut_2bit(t))
+
+    def _decode_codes(self, p: np.ndarray, out: np.ndarray, accumulate: bool, lut: np.ndarray) -> np.ndarray:
         target = out if out.flags.c_contiguous and out.flags.writeable else np.empty(out.shape, out.dtype)
         o = target.reshape(-1)
         n = o.size
-        lut = self._lut
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):

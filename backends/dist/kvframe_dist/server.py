@@ -235,14 +235,21 @@ class Server:
     def _compressed_value(self, peer: Hashable, slot: Slot) -> tuple[str, np.ndarray]:
         """Compressed pulls: the compressed difference between the value and the copy this worker
         holds (both sides add it to that copy). When one compressed step cannot bring the copy
-        within the compressor's threshold of the value, the value goes raw: a copy never drifts."""
+        within one step of the value (the threshold; with a scale-free threshold, the magnitude this
+        step sends), the value goes raw: a copy never drifts."""
         flat = slot.data.reshape(-1)
         mirrors = slot.scratch.setdefault("mirrors", {})
         mirror = mirrors.get(peer)
         if mirror is not None:
+            delta = flat - mirror
             residual = np.zeros_like(flat)  # after encode: what this step leaves out
-            payload = self.compressor.encode(flat - mirror, residual)
-            if float(np.max(np.abs(residual), initial=0.0)) <= float(self.compressor.config.threshold):
+            payload = self.compressor.encode(delta, residual)
+            config = self.compressor.config
+            if getattr(config, "threshold_scale", "absolute") == "absolute":
+                step = float(config.threshold)
+            else:  # what the step moves an element by: the part of delta it carried
+                step = float(np.max(np.abs(delta - residual), initial=0.0))
+            if float(np.max(np.abs(residual), initial=0.0)) <= step:
                 self.compressor.decode(payload, mirror, accumulate=True)
                 payload = np.ascontiguousarray(payload)
                 return f"c:{payload.dtype.name}", payload
