@@ -44,7 +44,8 @@ from pydantic import Field
 from kvframe import hookimpl
 from kvframe.errors import TransportError
 from kvframe_transports import tcp
-from kvframe_transports.tcp import CONTROL, Connection, Peer, ProtocolError, TcpOptions, TcpTransport, parse_address
+from kvframe_transports.addresses import parse_address
+from kvframe_transports.tcp import CONTROL, Connection, Peer, ProtocolError, TcpOptions, TcpTransport
 
 log = logging.getLogger("kvframe_transports")
 

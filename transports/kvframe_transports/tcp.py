@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import select
 import selectors
 import socket
@@ -51,6 +50,7 @@ from pydantic import Field
 from kvframe import hookimpl
 from kvframe.config import TransportConfig
 from kvframe.errors import TransportError
+from kvframe_transports.addresses import byte_view, format_address, parse_address
 
 log = logging.getLogger("kvframe_transports")
 
@@ -71,7 +71,6 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Linux's value where the socket module does not name it; linear RTOs help thin request/reply flows
 TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16 if sys.platform == "linux" else None)
 
-_ADDRESS = re.compile(r"^tcp://(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<host>[^:/\[\]\s]+)):(?P<port>\d{1,5})/?$")
 
 
 class TcpOptions(TransportConfig):
@@ -113,17 +112,6 @@ class Peer:
         return f"Peer({self.address!r}, {'outbound' if self.outbound else 'inbound'})"
 
 
-def format_address(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    m = _ADDRESS.match(address) if isinstance(address, str) else None
-    if m is None or not 0 < int(m["port"]) < 65536:
-        raise TransportError(f"cannot use address {address!r}: expected tcp://HOST:PORT (IPv6 as tcp://[HOST]:PORT)")
-    return m["v6"] or m["host"], int(m["port"])
-
-
 class LogLimit:
     """Log lines that peers can cause, counted per kind: the first ``first`` are logged, then one in
     ``every`` with the count so far, so that a flood of bad connections cannot flood the log."""
@@ -143,15 +131,6 @@ class LogLimit:
                     exc_info=exc_info, stacklevel=2)
         elif n % self.every == 0:
             log.log(level, msg + " (%d such lines so far)", *args, n, exc_info=exc_info, stacklevel=2)
-
-
-def _byte_view(frame: Any, i: int) -> memoryview:
-    mv = frame if isinstance(frame, memoryview) else memoryview(frame)
-    if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
-        return mv
-    if not mv.c_contiguous:
-        raise TypeError(f"frame {i} is not a contiguous buffer")
-    return mv.cast("B")
 
 
 class Connection:
@@ -383,7 +362,7 @@ class TcpTransport:
         return conn.peer
 
     def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
-        views = [_byte_view(f, i) for i, f in enumerate(frames)]
+        views = [byte_view(f, i) for i, f in enumerate(frames)]
         if not views:
             raise ValueError("a message needs at least one frame")
         self._send(self._conn(peer), DATA, views)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -36,6 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 from kvframe import hookimpl
 from kvframe.config import TransportConfig
 from kvframe.errors import TransportError
+from kvframe_transports.addresses import byte_view, format_address, parse_address
 
 log = logging.getLogger("kvframe_transports")
 
@@ -43,7 +43,6 @@ CLOSE_LINGER_MS = 1000  # what close leaves zmq to flush messages already sent
 WAIT_SLICE = 0.1  # seconds between looks at close() and the monitor during a long wait
 MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
-_ADDRESS = re.compile(r"^tcp://(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<host>[^:/\[\]\s]+)):(?P<port>\d{1,5})/?$")
 
 
 class ZmqConfig(TransportConfig):
@@ -105,26 +104,6 @@ class _Dealer:
         self.deadline = deadline  # for the first connection
         self.connected = False
         self.broken: str | None = None
-
-
-def format_address(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    m = _ADDRESS.match(address) if isinstance(address, str) else None
-    if m is None or not 0 < int(m["port"]) < 65536:
-        raise TransportError(f"cannot use address {address!r}: expected tcp://HOST:PORT (IPv6 as tcp://[HOST]:PORT)")
-    return m["v6"] or m["host"], int(m["port"])
-
-
-def _byte_view(frame: Any, i: int) -> memoryview:
-    mv = frame if isinstance(frame, memoryview) else memoryview(frame)
-    if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
-        return mv
-    if not mv.c_contiguous:
-        raise TypeError(f"frame {i} is not a contiguous buffer")
-    return mv.cast("B")
 
 
 class ZmqTransport:
@@ -192,7 +171,7 @@ class ZmqTransport:
             return peer
 
     def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
-        views = [_byte_view(f, i) for i, f in enumerate(frames)]
+        views = [byte_view(f, i) for i, f in enumerate(frames)]
         if not views:
             raise ValueError("a message needs at least one frame")
         with self._lock:
