@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KVFRAME_SHARED", REPO.parent / "shared"))
 ANCHORS = SHARED / "anchors"
-MXNET_VENV = Path(os.environ.get("KVFRAME_MXNET_VENV", REPO.parent / ".venv-mxnet"))
+MXNET_VENV = Path(os.environ.get("KVFRAME_MXNET_VENV", REPO / ".venv-mxnet" if (REPO / ".venv-mxnet").exists() else REPO.parent / ".venv-mxnet"))
 
 
 def mxnet_python(setup: bool = True) -> Path | None:
