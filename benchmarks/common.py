@@ -13,7 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KVFRAME_SHARED", REPO.parent / "shared"))
 ANCHORS = SHARED / "anchors"
-MXNET_VENV = Path(os.environ.get("KVFRAME_MXNET_VENV", REPO / ".venv-mxnet" if (REPO / ".venv-mxnet").exists() else REPO.parent / ".venv-mxnet"))
+_MX_DEFAULT = REPO / ".venv-mxnet" if (REPO / ".venv-mxnet").exists() else REPO.parent / ".venv-mxnet"
+MXNET_VENV = Path(os.environ.get("KVFRAME_MXNET_VENV", _MX_DEFAULT))  # setup-mxnet.sh makes .venv-mxnet here
 
 
 def mxnet_python(setup: bool = True) -> Path | None:
