@@ -230,7 +230,12 @@ class DistStore(StoreBackend):
         """A request to the scheduler; scheduler messages are read here only (servers' replies that
         come meanwhile are handled as usual)."""
         rid = self.requests.next_id()
-        self.ep.send(self.sched, Message(op, {**fields, "id": rid}))
+        try:
+            self.ep.send(self.sched, Message(op, {**fields, "id": rid}))
+        except TransportError as exc:  # the heartbeat's verdict names the cause best
+            self._check_failure()
+            raise RemoteError(f"worker {self._rank}: {what}: cannot reach the scheduler at "
+                              f"{self.env.scheduler_addr}: {exc}") from None
         found: list[Message] = []
 
         def on_message(timeout: float) -> None:
