@@ -72,6 +72,11 @@ class Transport(Protocol):
         pass to ``connect`` (``scheme://host:port``)."""
         ...
 
+    def address(self, host: str, port: int) -> str:
+        """The address ``connect`` takes for an endpoint of this transport listening at ``host:port``
+        (a node knows only the scheduler's host and port, as MXNet's variables give them)."""
+        ...
+
     def connect(self, address: str) -> Hashable:
         """A handle for sending to the endpoint listening at ``address`` (which ``listen`` returned).
         May connect lazily; raises ``TransportError`` for an address this transport cannot use."""

@@ -271,6 +271,15 @@ class TransportConformance:
         port = int(addr.rsplit(":", 1)[1].rstrip("/"))
         assert port > 0, f"listen on port 0 must return the port it got, not {addr!r}"
 
+    def test_address_names_an_endpoint_from_its_host_and_port(self, endpoint):
+        server = endpoint()
+        addr = server.listen(self.listen_host, 0)
+        port = int(addr.rsplit(":", 1)[1].rstrip("/"))
+        client = endpoint()
+        built = client.address(self.listen_host, port)
+        assert built == addr, f"address({self.listen_host!r}, {port}) gave {built!r}; listen returned {addr!r}"
+        self.greet(server, client, client.connect(built))
+
     @pytest.mark.parametrize("nbytes", [0, 1, 7, 64 * KiB, 8 * MiB, 64 * MiB],
                              ids=["0B", "1B", "7B", "64KiB", "8MiB", "64MiB"])
     def test_round_trip_one_frame(self, pair, nbytes):

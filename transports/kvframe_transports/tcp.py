@@ -358,6 +358,9 @@ class TcpTransport:
         self._watch("listener", sock)
         return format_address(host, sock.getsockname()[1])
 
+    def address(self, host: str, port: int) -> str:
+        return format_address(host, port)
+
     def connect(self, address: str) -> Peer:
         host, port = parse_address(address)
         self._check_open()

@@ -147,6 +147,9 @@ class ZmqTransport:
             self._poller.register(sock, zmq.POLLIN)
             return format_address(host, real_port)
 
+    def address(self, host: str, port: int) -> str:
+        return format_address(host, port)
+
     def connect(self, address: str) -> Peer:
         host, port = parse_address(address)
         with self._lock:

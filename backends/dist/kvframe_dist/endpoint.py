@@ -63,6 +63,10 @@ class Endpoint:
     def listen(self, host: str, port: int = 0) -> str:
         return self.transport.listen(host, port)
 
+    def connect_to(self, host: str, port: int) -> Hashable:
+        """Connect to the endpoint listening at ``host:port`` (the scheduler, known only so)."""
+        return self.connect(self.transport.address(host, port))
+
     def connect(self, address: str) -> Hashable:
         """Connect and run the handshake; raises :class:`Refused` with the peer's reason, or
         KVTimeoutError when no answer comes within the transport's connect timeout."""

@@ -87,7 +87,7 @@ class Heartbeat(threading.Thread):
         self.closed: dict[int, str] = {}  # workers that closed their store: rank -> name
         self._stop_ev = threading.Event()
         self.ep = Endpoint(role_transport(env), env.secret, f"{role} {rank} heartbeat", env.mac_data)
-        self.sched = self.ep.connect(env.scheduler_addr)
+        self.sched = self.ep.connect_to(env.root_uri, env.root_port)
         self.mine = own_address(env)
 
     def stop(self) -> None:

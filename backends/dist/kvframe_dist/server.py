@@ -85,7 +85,7 @@ class Server:
         self.ep = Endpoint(role_transport(env), env.secret, "server", env.mac_data)
         host = env.node_host or advertise_host(env.root_uri, env.root_port, env.interface)
         self.addr = self.ep.listen(host, env.port)
-        self.sched = self.ep.connect(env.scheduler_addr)
+        self.sched = self.ep.connect_to(env.root_uri, env.root_port)
         self.mine = own_address(env)
         self.rank = -1
         self.slots: dict[tuple[int, int], Slot] = {}

@@ -115,7 +115,7 @@ class DistStore(StoreBackend):
         self.ep = Endpoint(role_transport(env), env.secret, "worker", env.mac_data)
         self.requests = Requests("worker")
         try:
-            self.sched = self.ep.connect(env.scheduler_addr)
+            self.sched = self.ep.connect_to(env.root_uri, env.root_port)
             welcome = register(self.ep, self.sched, env, "worker")
             self._rank = welcome["rank"]
             self._num_workers = welcome["num_workers"]

@@ -76,6 +76,9 @@ class PlainPipe:
             self._listeners.append(sock)
         return _address(host, sock.getsockname()[1])
 
+    def address(self, host, port):
+        return _address(host, port)
+
     def connect(self, address):
         m = ADDRESS.match(address) if isinstance(address, str) else None
         if m is None:
