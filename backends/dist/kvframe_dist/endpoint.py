@@ -37,7 +37,7 @@ def make_transport(name: str, options: dict[str, Any] | None = None) -> Transpor
     transport = plugins.create("transports", config)
     if not isinstance(transport, Transport):
         raise TypeError(f"the transport plugin {name!r} does not implement kvframe.protocols.Transport "
-                        "(listen, connect, send, recv, close)")
+                        "(listen, address, connect, send, recv, close)")
     return transport
 
 
