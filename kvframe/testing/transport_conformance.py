@@ -229,6 +229,23 @@ class TransportConformance:
         assert [bytes(f) for f in frames] == [b"hello"], "the first message came out changed"
         return peer
 
+    @staticmethod
+    def exchange_at_once(server: Any, client: Any, to_server: Hashable, to_client: Hashable, nbytes: int,
+                         seeds: tuple[int, int]) -> None:
+        """Client and server each send the other ``nbytes`` at the same time; both arrive intact."""
+        a, b = payload(nbytes, seeds[0]), payload(nbytes, seeds[1])
+        size = f"{nbytes // MiB} MiB"
+        # each endpoint is used by one thread at a time: the client's on a worker, the server's here
+        client_side = _Worker(lambda: (client.send(to_server, [a]), recv_within(client, 60.0))[1])
+        client_side.start()
+        server.send(to_client, [b])
+        peer, frames = recv_within(server, 60.0)
+        assert peer == to_client
+        assert_frame(frames[0], a, f"the client's {size} at the server")
+        back, frames = client_side.outcome(60.0)
+        assert back == to_server
+        assert_frame(frames[0], b, f"the server's {size} at the client")
+
     def require(self, t: Any, what: str) -> None:
         """Skip unless the test class or the transport says it honours ``what``."""
         declared = getattr(self, what)
@@ -398,17 +415,7 @@ class TransportConformance:
         server, client, to_server = pair
         client.send(to_server, [b"hi"])
         to_client, _ = recv_within(server)
-        a, b = payload(64 * MiB, 21), payload(64 * MiB, 22)
-        # each endpoint is used by one thread at a time: the client's on a worker, the server's here
-        client_side = _Worker(lambda: (client.send(to_server, [a]), recv_within(client, 60.0))[1])
-        client_side.start()
-        server.send(to_client, [b])
-        peer, frames = recv_within(server, 60.0)
-        assert peer == to_client
-        assert_frame(frames[0], a, "the client's 64 MiB at the server")
-        back, frames = client_side.outcome(60.0)
-        assert back == to_server
-        assert_frame(frames[0], b, "the server's 64 MiB at the client")
+        self.exchange_at_once(server, client, to_server, to_client, 64 * MiB, seeds=(21, 22))
 
     def test_server_may_start_after_the_client_connects(self, endpoint):
         port = free_port(self.listen_host)
@@ -554,16 +561,7 @@ class TransportConformance:
         client = endpoint(max_queued_bytes=bound)
         to_server = client.connect(server.listen(self.listen_host, 0))
         to_client = self.greet(server, client, to_server)
-        a, b = payload(16 * MiB, 23), payload(16 * MiB, 24)
-        client_side = _Worker(lambda: (client.send(to_server, [a]), recv_within(client, 60.0))[1])
-        client_side.start()
-        server.send(to_client, [b])
-        peer, frames = recv_within(server, 60.0)
-        assert peer == to_client
-        assert_frame(frames[0], a, "the client's 16 MiB at the server")
-        back, frames = client_side.outcome(60.0)
-        assert back == to_server
-        assert_frame(frames[0], b, "the server's 16 MiB at the client")
+        self.exchange_at_once(server, client, to_server, to_client, 16 * MiB, seeds=(23, 24))
 
     def test_a_flood_into_a_receiver_that_does_not_recv_is_held_back(self, endpoint):
         bound, size, count = 32 * MiB, 8 * MiB, 64

@@ -108,8 +108,5 @@ class Requests:
     def servers_with_unconfirmed(self) -> list[int]:
         return sorted({s for s, _ in self.unconfirmed.values()})
 
-    def __len__(self) -> int:
-        return len(self.pending)
-
     def all_pending(self) -> list[Any]:
         return list(self.pending.values())
