@@ -61,3 +61,21 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(headers), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells)])
+
+
+def memory_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """This machine's memory floor, in bytes moved per second: the best of ``reps`` one-thread
+    copies of ``nbytes`` (a copy reads and writes, so it moves ``2 * nbytes``).  A benchmark's
+    '% of floor' is (bytes its work must read and write / this) / its measured time."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t = best_time(lambda: np.copyto(dst, src), reps, rounds=1)
+    return 2 * src.nbytes / t
+
+
+def floor_percent(bytes_moved: float, seconds: float, bandwidth: float) -> str:
+    """How close ``seconds`` comes to moving ``bytes_moved`` at ``bandwidth``: '57 %'."""
+    return f"{100 * bytes_moved / bandwidth / seconds:.0f} %"

@@ -1,8 +1,8 @@
 """Cache blocking, per-thread scratch buffers and the thread pool shared by the CPU codecs.
 
 A codec walks its arrays in blocks of ``BLOCK`` elements so every temporary stays in cache, and
-splits large arrays into contiguous, block-aligned ranges run on a small thread pool (numpy
-releases the GIL inside ufuncs, so the threads share the memory bandwidth).
+splits large arrays into contiguous, block-aligned ranges run on kvframe's shared thread pool
+(numpy releases the GIL inside ufuncs, so the threads share the memory bandwidth).
 """
 
 from __future__ import annotations
@@ -10,55 +10,34 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from kvframe import parallel
 
 BLOCK = 1 << 17  # elements per block (measured best here): a multiple of every packing unit (16, 32)
 PARALLEL_MIN = 1 << 19  # arrays smaller than this are encoded on the calling thread
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def n_threads() -> int:
     env = os.environ.get("KVFRAME_COMPRESSION_THREADS")
     if env:
         return max(1, int(env))
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def pool() -> ThreadPoolExecutor | None:
-    global _pool
-    if n_threads() == 1:
-        return None
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(n_threads(), thread_name_prefix="kvframe-compress")
-        return _pool
+    return parallel.default_threads()
 
 
 def split(n: int, parts: int, unit: int = BLOCK) -> list[tuple[int, int]]:
     """``parts`` contiguous ranges covering [0, n), each starting on a multiple of ``unit``."""
-    units = -(-n // unit)
-    parts = max(1, min(parts, units))
-    bounds = [min(n, (units * i // parts) * unit) for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
+    return parallel.split(n, parts, unit)
 
 
 def run_ranges(fn: Callable[[int, int], None], n: int) -> None:
     """Call ``fn(lo, hi)`` over block-aligned ranges of [0, n), in parallel for large ``n``."""
-    p = pool() if n >= PARALLEL_MIN else None
-    if p is None or threading.current_thread().name.startswith("kvframe-compress"):
+    if n < PARALLEL_MIN:
         fn(0, n)
-        return
-    ranges = split(n, n_threads())
-    futures = [p.submit(fn, lo, hi) for lo, hi in ranges[1:]]
-    try:
-        fn(*ranges[0])
-    finally:
-        for f in futures:
-            f.result()
+    else:
+        parallel.run_ranges(fn, n, n_threads(), BLOCK)
 
 
 class Block:

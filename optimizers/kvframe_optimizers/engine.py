@@ -7,7 +7,7 @@ numbers (partial sums of squares, say) has them added up over the pieces.
 
 On numpy a large array is cut into cache-sized blocks, so the kernel's many small passes run in
 the CPU cache and main memory sees each array about once (as a fused kernel would), and the
-blocks are shared between threads (numpy releases the GIL inside ufuncs).  On cupy (or anything
+blocks are shared between the threads of kvframe's pool (numpy releases the GIL inside ufuncs).  On cupy (or anything
 not numpy) the kernel runs once over the whole arrays.
 """
 
@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from kvframe import parallel
 
 BLOCK = int(os.environ.get("KVFRAME_OPTIMIZER_BLOCK", 1 << 16))  # elements per block (256 KiB of float32)
 PARALLEL_MIN = 1 << 17  # arrays smaller than this run on the calling thread
@@ -29,7 +30,7 @@ def _threads() -> int:
     env = os.environ.get("KVFRAME_OPTIMIZER_THREADS")
     if env:
         return max(1, int(env))
-    return max(1, min(4, os.cpu_count() or 1))
+    return parallel.default_threads()
 
 
 Kernel = Callable[[Any, Any, Sequence[Any], Sequence[Any]], Any]
@@ -39,9 +40,7 @@ class Runner:
     def __init__(self, threads: int | None = None, block: int = BLOCK):
         self.threads = threads or _threads()
         self.block = block
-        self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
-        self._lock = threading.Lock()
 
     def _scratch(self, ntmp: int, dtype: Any, n: int) -> list:
         if ntmp == 0:
@@ -55,13 +54,6 @@ class Runner:
             size = max(n, self.block)
             have = bufs[key] = [np.empty(size, dtype=key) for _ in range(max(ntmp, len(have or ())))]
         return [b[:n] for b in have[:ntmp]]
-
-    def pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvframe-opt")
-        return self._pool
 
     def run(self, kernel: Kernel, p: Any, arrays: Sequence[Any], ntmp: int, dtype: Any) -> Any:
         """Run ``kernel`` over flat, equally long ``arrays``; returns the summed results (or None)."""
@@ -84,14 +76,8 @@ class Runner:
             return total
 
         parts = self.threads if n >= PARALLEL_MIN else 1
-        if parts == 1:
-            return work(0, n)
         # split on block boundaries so every block but the last is whole
-        nblocks = -(-n // self.block)
-        bounds = [min(n, (nblocks * i // parts) * self.block) for i in range(parts + 1)]
-        futures = [self.pool().submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        results = [work(bounds[0], bounds[1])] + [f.result() for f in futures]
-        results = [r for r in results if r is not None]
+        results = [r for r in parallel.run_ranges(work, n, parts, self.block) if r is not None]
         if not results:
             return None
         return [sum(col) for col in zip(*results)]

@@ -18,13 +18,13 @@ and adds it into the result while everything is still in cache, over a thread po
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
 from kvframe_local.store import LocalConfig, LocalStore, group_by_key
 from pydantic import Field
 
+from kvframe import parallel
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.errors import DTypeMismatchError
 from kvframe.store import COMPLETED, Handle
@@ -79,9 +79,6 @@ class DeviceStore(LocalStore):
         self._loads: dict = {}  # device tuple -> elements placed there
         self._compressor: Any = None
         self._residual: dict = {}  # key -> list (per slot) of flat residual arrays
-        self._threads = max(1, self._reducer.threads)
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvframe-device") \
-            if self._threads > 1 else None
 
     # placement --------------------------------------------------------------------------------
     def _place(self, key: Any, value: Any) -> Any:
@@ -291,29 +288,26 @@ class DeviceStore(LocalStore):
         self._apply_target(key, target)
 
     def _fused_host(self, comp: Any, flats: list, res: list, out: np.ndarray, multiple: int) -> None:
-        """Encode, decode and sum block by block, each block staying in cache."""
+        """Encode, decode and sum block by block, each block staying in cache.  A codec with
+        ``encode_decode_into`` does the three in one pass per copy (a compiled kernel)."""
         n = out.size
         block = math.ceil(self.config.block / multiple) * multiple
+        fused = getattr(comp, "encode_decode_into", None)
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, block):
                 e = min(s + block, hi)
                 o = out[s:e]
                 for i, g in enumerate(flats):
-                    comp.decode(comp.encode(g[s:e], res[i][s:e]), o, accumulate=i > 0)
+                    if fused is not None:
+                        fused(g[s:e], res[i][s:e], o, i > 0)
+                    else:
+                        comp.decode(comp.encode(g[s:e], res[i][s:e]), o, accumulate=i > 0)
 
-        if self._pool is None or n < self.config.bigarray_bound:
+        if n < self.config.bigarray_bound:
             work(0, n)
-            return
-        units = -(-n // block)
-        parts = min(self._threads, units)
-        bounds = [min(n, units * j // parts * block) for j in range(parts + 1)]
-        futures = [self._pool.submit(work, bounds[j], bounds[j + 1]) for j in range(1, parts)]
-        try:
-            work(bounds[0], bounds[1])
-        finally:
-            for f in futures:
-                f.result()
+        else:
+            parallel.run_ranges(work, n, self._reducer.threads, block)
 
     # pull -----------------------------------------------------------------------------------------
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
@@ -331,7 +325,3 @@ class DeviceStore(LocalStore):
                     copy_into(o, stored)
         return COMPLETED
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-        super().close()

@@ -21,7 +21,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
-from kvframe_local.reduce import Reducer
+from kvframe.reduce import Reducer
 
 from kvframe import plugins
 from kvframe.arrays import RowSparseArray

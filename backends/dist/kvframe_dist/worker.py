@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kvframe_local.reduce import Reducer, sum_row_sparse
+from kvframe.reduce import Reducer, sum_row_sparse
 
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError

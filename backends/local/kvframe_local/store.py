@@ -10,9 +10,9 @@ from pydantic import Field
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.config import StoreConfig
 from kvframe.errors import NotSupportedError
+from kvframe.reduce import Reducer, merge
 from kvframe.store import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.sumkeys import is_sum_key
-from kvframe_local.reduce import Reducer, merge
 
 
 class LocalConfig(StoreConfig):

@@ -1,4 +1,6 @@
-"""Summing and copying arrays on the CPU, split over a thread pool for large arrays.
+"""Summing and copying arrays on the CPU, split over the shared thread pool for large arrays.
+
+Every store reduces with this (local, device, the dist worker and server).
 
 numpy releases the GIL inside ufuncs, so threads share the memory bandwidth.  Each thread walks
 its contiguous range in cache-sized blocks so that summing N inputs reads each input once and
@@ -7,42 +9,33 @@ writes the output once, with the partial sums kept in cache.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from kvframe import parallel
 from kvframe.arrays import RowSparseArray, array_module
 
 BLOCK = 1 << 15  # elements per cache block (128 KiB of float32)
 
 
 class Reducer:
+    """Sums and copies; arrays of at least ``bigarray_bound`` elements are split over ``threads``
+    threads of the shared pool (default: :func:`kvframe.parallel.default_threads`)."""
+
     def __init__(self, threads: int | None = None, bigarray_bound: int = 1_000_000):
-        self.threads = max(1, threads or min(4, os.cpu_count() or 1))
+        self.threads = max(1, threads or parallel.default_threads())
         self.bigarray_bound = bigarray_bound
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvframe-reduce") if self.threads > 1 else None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        """Nothing to release: the pool is shared by the process."""
 
-    def _split(self, n: int) -> list[tuple[int, int]]:
-        parts = self.threads
-        bounds = [n * i // parts for i in range(parts + 1)]
-        return [(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-    def _parallel(self, fn, n: int) -> None:
-        if self._pool is None or n < self.bigarray_bound:
+    def _parallel(self, fn: Callable[[int, int], None], n: int) -> None:
+        if self.threads == 1 or n < self.bigarray_bound:
             fn(0, n)
-            return
-        ranges = self._split(n)
-        futures = [self._pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
-        fn(*ranges[0])
-        for f in futures:
-            f.result()
+        else:
+            parallel.run_ranges(fn, n, self.threads, BLOCK)
 
     def sum_into(self, out: Any, values: Sequence[Any]) -> Any:
         """out = sum(values), dense arrays of one shape and dtype. ``out`` may be one of ``values``
