@@ -180,7 +180,7 @@ def _2bit_one_size(cp, comp, nbytes: int, quick: bool) -> dict:
 
 def bench_2bit(cp, sizes: list[int], quick: bool) -> list[dict]:
     from kvframe import plugins
-    from kvframe.config import validate_plugin_config
+    from kvframe.plugins import validate_plugin_config
 
     try:
         comp = plugins.create("compressors", validate_plugin_config("compressors", {"type": "2bit", "threshold": 0.5},

@@ -48,7 +48,7 @@ def old_zmq():
 def make(kind: str):
     if kind.startswith("plugin:"):
         from kvframe import plugins
-        from kvframe.config import validate_plugin_config
+        from kvframe.plugins import validate_plugin_config
 
         return plugins.create("transports", validate_plugin_config("transports", kind[7:], "transport"))
     if kind == "tcp":

@@ -3,9 +3,10 @@ built as a plugin framework (stores, transports, compressors and optimizers are 
 
 from kvframe import config, errors, plugins
 from kvframe.arrays import RowSparseArray
+from kvframe.backend import StoreBackend
 from kvframe.errors import KVFrameError
 from kvframe.hookspecs import hookimpl
-from kvframe.store import KVStore, StoreBackend, create, create_from_config
+from kvframe.store import KVStore, create, create_from_config
 from kvframe.sumkeys import is_sum_key, sum_key
 
 __version__ = "0.1.0"

@@ -15,8 +15,6 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from kvframe.errors import ConfigError
-
 
 class PluginConfig(BaseModel):
     """Base of every plugin config: unknown fields are refused."""
@@ -102,35 +100,3 @@ def format_validation_error(err: pydantic.ValidationError, what: str, source: st
     if len(errors) > MAX_PROBLEMS:
         lines.append(f"  ... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
-
-
-def validate_plugin_config(kind: str, data: Any, what: str, source: str | None = None, **extra: Any) -> PluginConfig:
-    """Turn a dict (with ``type``), a name, or a config model into a validated model of ``kind``.
-
-    ``kind`` is a registry kind: 'stores', 'compressors', 'optimizers' or 'transports'.
-    """
-    from kvframe import plugins
-
-    if isinstance(data, PluginConfig):
-        if extra:
-            try:
-                data = type(data).model_validate({**data.model_dump(), **extra})
-            except pydantic.ValidationError as err:
-                raise ConfigError(format_validation_error(err, what, source)) from None
-        plugins.lookup(kind, data.type)  # the plugin must be installed
-        return data
-    if isinstance(data, str):
-        data = {"type": data, **extra}
-    elif isinstance(data, Mapping):
-        data = {**data, **extra}
-    else:
-        raise ConfigError(f"{what} must be a dict with a 'type', a name or a config model; got {type(data).__name__}")
-    if "type" not in data or not isinstance(data["type"], str):
-        raise ConfigError(f"invalid {what}: field 'type' is required and must be a string naming one of "
-                          f"{plugins.names(kind)}")
-    reg = plugins.lookup(kind, data["type"].lower() if kind != "transports" else data["type"])
-    data = {**data, "type": reg.name}
-    try:
-        return reg.config_model.model_validate(data)
-    except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, what, source)) from None

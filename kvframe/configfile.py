@@ -49,6 +49,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvframe import plugins
 from kvframe.config import (
     MAX_PROBLEMS,
     CompressionConfig,
@@ -143,22 +144,6 @@ class KVFrameConfig:
     app: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
     overrides: dict[str, str] = field(default_factory=dict)  # env variable -> the raw value used
-
-    def create(self) -> Any:
-        """Create the store, then set its compression and optimizer. On failure the store is closed."""
-        from kvframe import plugins
-        from kvframe.store import KVStore
-
-        kv = KVStore(plugins.create("stores", self.store), self.store_name)
-        try:
-            if self.compression is not None:
-                kv.set_gradient_compression(self.compression)
-            if self.optimizer is not None:
-                kv.set_optimizer(self.optimizer)
-        except BaseException:
-            kv.close()
-            raise
-        return kv
 
     def summary(self) -> str:
         """A few human lines: what this config sets up."""
@@ -477,9 +462,6 @@ def _clean_loc(loc: tuple, data: Any) -> tuple:
 
 
 def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[PluginConfig | None, str | None]:
-    from kvframe import plugins
-    from kvframe.store import STORE_ALIASES
-
     kind, what, type_required = SECTIONS[section]
     if raw is None:
         return None, None
@@ -499,7 +481,7 @@ def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[Plug
     written = name
     name = name.lower()
     if section == "store":
-        name = STORE_ALIASES.get(name, name)
+        name = plugins.store_name(name)
     try:
         reg = plugins.lookup(kind, name)
     except KVFrameError as exc:  # not installed, disabled, or failed to import
@@ -520,13 +502,10 @@ def _validate_section(section: str, raw: Any, problems: _Problems) -> tuple[Plug
 
 def _store_type(raw: Any) -> str | None:
     """The registered store name a (possibly invalid) store section asks for, if it is installed."""
-    from kvframe import plugins
-    from kvframe.store import STORE_ALIASES
-
     name = raw if isinstance(raw, str) else raw.get("type", DEFAULT_STORE) if isinstance(raw, Mapping) else None
     if not isinstance(name, str):
         return None
-    name = STORE_ALIASES.get(name.lower(), name.lower())
+    name = plugins.store_name(name)
     try:
         return plugins.lookup("stores", name).name
     except KVFrameError:
@@ -535,8 +514,6 @@ def _store_type(raw: Any) -> str | None:
 
 def _compression_supported(store_type: str) -> bool | None:
     """Whether the store type says it can compress gradients (None: it does not say)."""
-    from kvframe import plugins
-
     caps = getattr(plugins.lookup("stores", store_type).factory, "capabilities", None)
     if not isinstance(caps, (set, frozenset)):
         return None
@@ -608,18 +585,6 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
                          app=dict(sections.app), source=source, overrides=used)
 
 
-def create_from_config(config: str | os.PathLike | Mapping[str, Any] | KVFrameConfig | None = None) -> Any:
-    """Create a :class:`kvframe.KVStore` from a TOML/YAML file or a dict, with ``KVFRAME_...``
-    environment overrides; with no argument, from ``$KVFRAME_CONFIG`` (or the defaults: store
-    'local'), or from a :class:`KVFrameConfig` that :func:`load_config` returned.  Every section is
-    validated before the store is created."""
-    if isinstance(config, KVFrameConfig):
-        return config.create()
-    return load_config(config).create()
-
-
-# JSON Schema ----------------------------------------------------------------------------------
-
 def _tagged(reg: Any) -> type[BaseModel]:
     """The plugin's config model with ``type`` pinned to its registered name (needed for the union)."""
     model = reg.config_model
@@ -630,8 +595,6 @@ def _tagged(reg: Any) -> type[BaseModel]:
 
 
 def _union(kind: str, skipped: list[str]) -> Any:
-    from kvframe import plugins
-
     models = []
     for reg in plugins.registrations(kind):
         try:
@@ -653,8 +616,6 @@ def _union(kind: str, skipped: list[str]) -> Any:
 def build_schema_model(skipped: list[str] | None = None) -> type[BaseModel]:
     """The config file's model with discriminated unions of every installed plugin's config model
     (importing every plugin). Models that cannot be expressed in JSON Schema go to ``skipped``."""
-    from kvframe import plugins
-
     plugins.load_all()
     skipped = [] if skipped is None else skipped
     fields: dict[str, Any] = {}
@@ -683,5 +644,5 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-__all__ = ["KVFrameConfig", "load_config", "create_from_config", "json_schema", "read_file", "env_overrides",
+__all__ = ["KVFrameConfig", "load_config", "json_schema", "read_file", "env_overrides",
            "parse_env_value", "build_schema_model", "StoreConfig", "CompressionConfig", "OptimizerConfig"]

@@ -14,7 +14,7 @@ hookimpl = pluggy.HookimplMarker("kvframe")
 
 @hookspec
 def kvframe_register_stores(register):
-    """Register store types. ``factory(config) -> kvframe.store.StoreBackend``."""
+    """Register store types. ``factory(config) -> kvframe.backend.StoreBackend``."""
 
 
 @hookspec

@@ -13,17 +13,18 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
 from typing import Any
 
 import pluggy
+import pydantic
 
 from kvframe import hookspecs
-from kvframe.config import PluginConfig
-from kvframe.errors import DuplicateRegistrationError, KVFrameError, PluginImportError, PluginNotFoundError
+from kvframe.config import PluginConfig, format_validation_error
+from kvframe.errors import ConfigError, DuplicateRegistrationError, KVFrameError, PluginImportError, PluginNotFoundError
 
 KINDS = {
     "stores": "kvframe_register_stores",
@@ -232,3 +233,53 @@ def registrations(kind: str) -> list[Registration]:
 def create(kind: str, config: PluginConfig) -> Any:
     """Build the object a validated config describes."""
     return lookup(kind, config.type).factory(config)
+
+
+# MXNet's historical names for store types, so existing scripts keep working.
+STORE_ALIASES = {
+    "local_allreduce_cpu": "local",
+    "local_update_cpu": "local",
+    "local_allreduce_device": "device",
+    "dist": "dist_sync",
+    "dist_sync_device": "dist_device_sync",
+}
+
+
+def store_name(name: str) -> str:
+    """The registered store name ``name`` means: lowercased, MXNet's aliases resolved."""
+    return STORE_ALIASES.get(name.lower(), name.lower())
+
+
+def validate_plugin_config(kind: str, data: Any, what: str, source: str | None = None, **extra: Any) -> PluginConfig:
+    """Turn a dict (with ``type``), a name, or a config model into a validated model of ``kind``.
+
+    ``kind`` is a registry kind: 'stores', 'compressors', 'optimizers' or 'transports'.
+    """
+    if isinstance(data, PluginConfig):
+        if extra:
+            try:
+                data = type(data).model_validate({**data.model_dump(), **extra})
+            except pydantic.ValidationError as err:
+                raise ConfigError(format_validation_error(err, what, source)) from None
+        lookup(kind, data.type)  # the plugin must be installed
+        return data
+    if isinstance(data, str):
+        data = {"type": data, **extra}
+    elif isinstance(data, Mapping):
+        data = {**data, **extra}
+    else:
+        raise ConfigError(f"{what} must be a dict with a 'type', a name or a config model; got {type(data).__name__}")
+    if "type" not in data or not isinstance(data["type"], str):
+        raise ConfigError(f"invalid {what}: field 'type' is required and must be a string naming one of "
+                          f"{names(kind)}")
+    reg = lookup(kind, data["type"].lower() if kind != "transports" else data["type"])
+    data = {**data, "type": reg.name}
+    try:
+        return reg.config_model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, what, source)) from None
+
+
+def build(kind: str, data: Any, what: str, **extra: Any) -> Any:
+    """Validate ``data`` as a config of ``kind`` (see :func:`validate_plugin_config`) and create the plugin."""
+    return create(kind, validate_plugin_config(kind, data, what, **extra))

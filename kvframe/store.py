@@ -1,4 +1,5 @@
-"""The ``KVStore`` front every user calls, and ``StoreBackend``, what a store plugin implements.
+"""The ``KVStore`` front every user calls (the contract a store plugin implements is in
+:mod:`kvframe.backend`).
 
 The front checks and normalises every argument once, so every store type behaves the same and
 refuses bad input before anything changes: keys become a list, values a list (one per key) of
@@ -9,91 +10,27 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kvframe import plugins
 from kvframe.arrays import RowSparseArray, as_native, describe
+from kvframe.backend import COMPLETED, Handle, StoreBackend, check_summable
+from kvframe.configfile import KVFrameConfig, load_config
 from kvframe.errors import (
     DTypeMismatchError,
     DuplicateInitError,
     KeyNotInitializedError,
-    KVTimeoutError,
     MixedKeyTypesError,
     NotSupportedError,
     ShapeMismatchError,
 )
+from kvframe.protocols import Optimizer
 from kvframe.sumkeys import SumOnlyOptimizer, sum_only_updater
-
-
-def _env_timeout(name: str = "KVFRAME_TIMEOUT", default: float = 120.0) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise ValueError(f"environment variable {name}={raw!r}: expected a positive number of seconds, e.g. "
-                         f"{name}=300 (default {default:g})")
-    return value
-
-
-DEFAULT_TIMEOUT = _env_timeout()
-
-# MXNet's historical names for store types, so existing scripts keep working.
-STORE_ALIASES = {
-    "local_allreduce_cpu": "local",
-    "local_update_cpu": "local",
-    "local_allreduce_device": "device",
-    "dist": "dist_sync",
-    "dist_sync_device": "dist_device_sync",
-}
-
-
-class Handle:
-    """The result of a non-blocking operation: ``wait()`` returns once it is done."""
-
-    def wait(self, timeout: float | None = None) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def done(self) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class CompletedHandle(Handle):
-    def wait(self, timeout: float | None = None) -> None:
-        return None
-
-    def done(self) -> bool:
-        return True
-
-
-COMPLETED = CompletedHandle()
-
-
-class FutureHandle(Handle):
-    """Wraps a ``concurrent.futures.Future``; ``what`` names it in a timeout error."""
-
-    def __init__(self, future: Any, what: str):
-        self._future = future
-        self._what = what
-
-    def wait(self, timeout: float | None = None) -> None:
-        import concurrent.futures
-
-        try:
-            self._future.result(timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
-        except concurrent.futures.TimeoutError:
-            waited = DEFAULT_TIMEOUT if timeout is None else timeout
-            raise KVTimeoutError(f"timed out after {waited:g} s waiting for {self._what}") from None
-
-    def done(self) -> bool:
-        return self._future.done()
 
 
 @dataclass(frozen=True)
@@ -101,110 +38,6 @@ class KeyMeta:
     shape: tuple[int, ...]
     dtype: np.dtype
     stype: str  # 'default' or 'row_sparse'
-
-
-class StoreBackend:
-    """Base of every store type. Methods get normalised lists; override what the store supports.
-
-    ``keys``: list of int or str.  ``values``: list (per key) of lists (per device) of arrays
-    (numpy, cupy or :class:`RowSparseArray`).  ``outs``: the same shape of lists.
-    """
-
-    capabilities: frozenset[str] = frozenset({"optimizer"})
-
-    def __init__(self, config: Any):
-        self.config = config
-
-    # identity -------------------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def num_workers(self) -> int:
-        return 1
-
-    # data -----------------------------------------------------------------------------------
-    def init(self, keys: list, values: list) -> None:
-        """Store a copy of ``values[i]`` (one array) under ``keys[i]``."""
-        raise NotImplementedError
-
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
-        raise NotImplementedError
-
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
-        raise NotImplementedError
-
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
-        self.push(keys, values, priority)
-        return self.pull(keys, outs, priority)
-
-    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
-        self.init(keys, [v[0] for v in values])
-        return self.pull(keys, outs, priority)
-
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
-        raise NotSupportedError(f"store {type(self).__name__} does not support row_sparse_pull")
-
-    # updates --------------------------------------------------------------------------------
-    def set_updater(self, updater: Any) -> None:
-        raise NotSupportedError(f"store {type(self).__name__} does not run updaters")
-
-    def set_optimizer(self, optimizer: Any) -> None:
-        self.set_updater(optimizer.create_updater())
-
-    def set_gradient_compression(self, compressor: Any) -> None:
-        raise NotSupportedError(f"store {type(self).__name__} does not support gradient compression")
-
-    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
-        raise NotSupportedError(f"store {type(self).__name__} keeps no optimizer states")
-
-    def set_optimizer_states(self, data: bytes) -> None:
-        raise NotSupportedError(f"store {type(self).__name__} keeps no optimizer states")
-
-    # control --------------------------------------------------------------------------------
-    def barrier(self, timeout: float | None = None) -> None:
-        """Single-process stores have nothing to wait for."""
-
-    def send_command_to_servers(self, head: int, body: str) -> None:
-        """Single-process stores have no servers: the command is ignored, as MXNet does."""
-
-    def close(self) -> None:
-        pass
-
-
-class InProcessUpdates:
-    """For stores that run the updater in this process: keeps it, and saves and loads its states."""
-
-    _updater: Any = None
-
-    def set_updater(self, updater: Any) -> None:
-        self._updater = updater
-
-    def get_optimizer_states(self, dump_optimizer: bool = False) -> bytes:
-        if self._updater is None or not hasattr(self._updater, "get_states"):
-            raise NotSupportedError("there are no optimizer states to save: call set_optimizer first")
-        return self._updater.get_states(dump_optimizer)
-
-    def set_optimizer_states(self, data: bytes) -> None:
-        if self._updater is None or not hasattr(self._updater, "set_states"):
-            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
-        self._updater.set_states(data)
-
-
-# dtype kinds a store can sum: bool, signed and unsigned integers, floating point, complex
-SUMMABLE_KINDS = "biufc"
-SUMMABLE_TEXT = ("bool, int8/16/32/64, uint8/16/32/64, float16/32/64 (and longdouble), complex64/128 (a store "
-                 "may accept fewer)")
-
-
-def check_summable(key: Any, dtype: Any, what: str = "value") -> None:
-    """Refuse, naming the key, a dtype the stores cannot sum (object, str/bytes, datetime/timedelta,
-    void/structured): numpy would fail later, mid-push, with a message that names no key."""
-    dt = np.dtype(dtype)
-    if dt.kind not in SUMMABLE_KINDS or dt.fields is not None or dt.subdtype is not None:
-        raise DTypeMismatchError(f"key {key!r}: the {what} has dtype {dt}, which a store cannot sum (pushes are "
-                                 f"summed); accepted dtypes: {SUMMABLE_TEXT}")
 
 
 def _check_key(key: Any) -> int | str:
@@ -525,8 +358,6 @@ class KVStore:
         keyword options. The config is validated before anything is applied. Sum-only keys
         (``kvframe.sum_key(name)``) are never given to it: their pushes are summed, as without one."""
         from kvframe import plugins
-        from kvframe.config import validate_plugin_config
-        from kvframe.protocols import Optimizer
 
         self._check_open()
         if isinstance(optimizer, Optimizer) and not isinstance(optimizer, (str, dict)) and hasattr(optimizer, "config"):
@@ -534,7 +365,7 @@ class KVStore:
                 raise TypeError("keyword options go with an optimizer name or config, not an optimizer object")
             opt = optimizer
         else:
-            config = validate_plugin_config("optimizers", optimizer, "optimizer config", **options)
+            config = plugins.validate_plugin_config("optimizers", optimizer, "optimizer config", **options)
             opt = plugins.create("optimizers", config)
         self._backend.set_optimizer(SumOnlyOptimizer(opt))  # its updaters leave sum-only keys summed
         self._optimizer = opt
@@ -546,10 +377,10 @@ class KVStore:
     def set_gradient_compression(self, compression_params: Any, **options: Any) -> None:
         """Compress pushed gradients, e.g. ``{'type': '2bit', 'threshold': 0.5}``."""
         from kvframe import plugins
-        from kvframe.config import validate_plugin_config
 
         self._check_open()
-        config = validate_plugin_config("compressors", compression_params, "gradient compression config", **options)
+        config = plugins.validate_plugin_config("compressors", compression_params, "gradient compression config",
+                                                **options)
         self._backend.set_gradient_compression(plugins.create("compressors", config))
         self._compression = config
 
@@ -608,7 +439,6 @@ def create(name: str = "local", **options: Any) -> KVStore:
     """Create a store by name ('local', 'device', 'nccl', 'dist_sync', ... or a plugin's own),
     with the store's options as keywords (validated by its config model)."""
     from kvframe import plugins
-    from kvframe.config import validate_plugin_config
 
     if not isinstance(name, str):
         raise TypeError(f"the store name must be a str; got {type(name).__name__}")
@@ -616,17 +446,27 @@ def create(name: str = "local", **options: Any) -> KVStore:
         raise TypeError(f"create() got the store type twice: name={name!r} and type={options['type']!r}; "
                         "give the store type as the name only")
     requested = name
-    name = STORE_ALIASES.get(name.lower(), name.lower())
-    config = validate_plugin_config("stores", {"type": name, **options}, f"options of store {name!r}")
+    name = plugins.store_name(name)
+    config = plugins.validate_plugin_config("stores", {"type": name, **options}, f"options of store {name!r}")
     backend = plugins.create("stores", config)
     return KVStore(backend, requested)
 
 
-def create_from_config(config: Any = None) -> KVStore:
-    """Create a store from a TOML/YAML file, a dict, or (``None``) ``$KVFRAME_CONFIG``; see kvframe.configfile."""
-    from kvframe.configfile import create_from_config as _create
-
-    return _create(config)
+def create_from_config(config: str | os.PathLike | Mapping[str, Any] | KVFrameConfig | None = None) -> KVStore:
+    """Create a store from a TOML/YAML file, a dict, a loaded :class:`~kvframe.configfile.KVFrameConfig`
+    or (``None``) ``$KVFRAME_CONFIG``, then set its compression and optimizer; see kvframe.configfile.
+    Every section is validated before anything is created; on a failure later the store is closed."""
+    cfg = config if isinstance(config, KVFrameConfig) else load_config(config)
+    kv = KVStore(plugins.create("stores", cfg.store), cfg.store_name)
+    try:
+        if cfg.compression is not None:
+            kv.set_gradient_compression(cfg.compression)
+        if cfg.optimizer is not None:
+            kv.set_optimizer(cfg.optimizer)
+    except BaseException:
+        kv.close()
+        raise
+    return kv
 
 
 __all__: Sequence[str] = ["KVStore", "StoreBackend", "Handle", "create", "create_from_config", "KeyMeta"]

@@ -48,7 +48,7 @@ SLOPPY_STORE = """
     import numpy as np
     import kvframe
     from kvframe.config import StoreConfig
-    from kvframe.store import COMPLETED, StoreBackend
+    from kvframe.backend import COMPLETED, StoreBackend
 
     class SloppyConfig(StoreConfig):
         type: Literal["sloppy"] = "sloppy"

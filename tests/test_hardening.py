@@ -309,7 +309,7 @@ def test_casting_compression_keeps_inf_on_the_blocked_threaded_path(name):
 
 def test_fp16_encode_keeps_inf_and_saturates_only_finite_values():
     from kvframe import plugins
-    from kvframe.config import validate_plugin_config
+    from kvframe.plugins import validate_plugin_config
 
     for ef in (True, False):
         comp = plugins.create("compressors", validate_plugin_config("compressors", {"type": "fp16",

@@ -217,7 +217,7 @@ def test_a_scheduler_without_type_gets_a_plain_message():
 
 @pytest.mark.parametrize("raw", ["2m", "0", "-5", "inf", "nan"])
 def test_a_bad_kvframe_timeout_is_named(monkeypatch, raw):
-    from kvframe.store import _env_timeout
+    from kvframe.backend import _env_timeout
 
     monkeypatch.setenv("KVFRAME_TIMEOUT", raw)
     with pytest.raises(ValueError, match=rf"KVFRAME_TIMEOUT='{raw}': expected a positive number of seconds"):
@@ -231,8 +231,8 @@ def test_a_bad_kvframe_timeout_is_named(monkeypatch, raw):
 def test_a_timeout_error_names_the_timeout_waited():
     import concurrent.futures
 
+    from kvframe.backend import FutureHandle
     from kvframe.errors import KVTimeoutError
-    from kvframe.store import FutureHandle
 
     handle = FutureHandle(concurrent.futures.Future(), "pull of key 'w'")
     with pytest.raises(KVTimeoutError, match=r"timed out after 0 s waiting for pull of key 'w'"):

@@ -57,8 +57,8 @@ import numpy as np
 import pytest
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
 from kvframe.errors import TransportError
+from kvframe.plugins import validate_plugin_config
 
 KiB, MiB = 1 << 10, 1 << 20
 WAIT = 20.0  # seconds any single expected message may take, even on a slow, shared machine

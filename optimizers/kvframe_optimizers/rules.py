@@ -899,7 +899,7 @@ def create(config: Any) -> Optimizer:
 
 def create_optimizer(name: str, **options: Any) -> Optimizer:
     """``create_optimizer('adam', learning_rate=0.01)``: validate the options, build the optimizer."""
-    from kvframe.config import validate_plugin_config
+    from kvframe.plugins import validate_plugin_config
 
     return create(validate_plugin_config("optimizers", name, "optimizer config", **options))
 

@@ -1,7 +1,7 @@
 import pytest
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
+from kvframe.plugins import validate_plugin_config
 
 
 @pytest.fixture

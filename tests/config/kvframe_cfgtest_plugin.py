@@ -9,8 +9,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import kvframe
+from kvframe.backend import COMPLETED, StoreBackend
 from kvframe.config import CompressionConfig, OptimizerConfig, StoreConfig
-from kvframe.store import COMPLETED, StoreBackend
 
 CREATED: list = []  # every store this plugin created, so tests can see whether one was made
 CLOSED: list = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
+from kvframe.plugins import validate_plugin_config
 
 pytestmark = pytest.mark.gpu
 

@@ -241,7 +241,7 @@ def test_a_flood_of_garbage_connections_logs_a_bounded_number_of_lines(endpoints
 _FLOODED_RECEIVER = textwrap.dedent("""
     import json, sys, time
     from kvframe import plugins
-    from kvframe.config import validate_plugin_config
+    from kvframe.plugins import validate_plugin_config
 
     def status(key):
         with open("/proc/self/status") as f:

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
+from kvframe.plugins import validate_plugin_config
 from kvframe.protocols import Transport
 from kvframe.testing import TransportConformance
 from kvframe.testing.transport_conformance import assert_frame, recv_within
@@ -41,7 +41,7 @@ def test_messages_cross_processes():
     code = """
         import sys, time
         from kvframe import plugins
-        from kvframe.config import validate_plugin_config
+        from kvframe.plugins import validate_plugin_config
         t = plugins.create('transports', validate_plugin_config('transports', 'plainpipe', 'transport config'))
         print(t.listen('127.0.0.1', 0), flush=True)
         got = t.recv(30)

@@ -9,8 +9,8 @@ import zmq
 from kvframe_transports.zeromq import Peer, RouterPeer, ZmqConfig, ZmqTransport
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
 from kvframe.errors import TransportError
+from kvframe.plugins import validate_plugin_config
 from kvframe.protocols import Transport
 from kvframe.testing import TransportConformance
 from kvframe.testing.transport_conformance import assert_frame, payload, recv_within

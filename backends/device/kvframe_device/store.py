@@ -26,8 +26,8 @@ from pydantic import Field
 
 from kvframe import parallel
 from kvframe.arrays import RowSparseArray, array_module
+from kvframe.backend import COMPLETED, Handle
 from kvframe.errors import DTypeMismatchError
-from kvframe.store import COMPLETED, Handle
 from kvframe_device.copy import copy_into, device_id, empty_on, enable_peer_access, to_device, zeros_on
 
 

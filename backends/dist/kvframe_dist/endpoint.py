@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from kvframe import plugins
-from kvframe.config import validate_plugin_config
+from kvframe.plugins import validate_plugin_config
 from kvframe.errors import KVTimeoutError, TransportError
 from kvframe.protocols import Transport
 from kvframe_dist.session import Session, hello_key, new_nonce

@@ -25,7 +25,7 @@ from kvframe.reduce import Reducer
 
 from kvframe import plugins
 from kvframe.arrays import RowSparseArray
-from kvframe.config import validate_plugin_config
+from kvframe.plugins import validate_plugin_config
 from kvframe.errors import KVFrameError
 from kvframe_dist.address import advertise_host
 from kvframe_dist.endpoint import Endpoint, role_transport

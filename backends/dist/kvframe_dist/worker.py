@@ -22,7 +22,7 @@ from kvframe.reduce import Reducer, sum_row_sparse
 
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
-from kvframe.store import DEFAULT_TIMEOUT, Handle, StoreBackend
+from kvframe.backend import DEFAULT_TIMEOUT, Handle, StoreBackend
 from kvframe_dist.configs import DistConfig
 from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, node_env, role_from_env

@@ -8,10 +8,10 @@ import numpy as np
 from pydantic import Field
 
 from kvframe.arrays import RowSparseArray, array_module
+from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.config import StoreConfig
 from kvframe.errors import NotSupportedError
 from kvframe.reduce import Reducer, merge
-from kvframe.store import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.sumkeys import is_sum_key
 
 

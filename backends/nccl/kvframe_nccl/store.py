@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from kvframe.arrays import RowSparseArray
+from kvframe.backend import DEFAULT_TIMEOUT, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import ConfigError, KeyNotInitializedError, KVTimeoutError, NotSupportedError
-from kvframe.store import DEFAULT_TIMEOUT, Handle, InProcessUpdates, StoreBackend
 from kvframe_nccl import buckets, cuda
 from kvframe_nccl.config import NcclConfig
 from kvframe_nccl.launch_env import LaunchEnvError, LaunchInfo, detect_launch, rendezvous_address, validate

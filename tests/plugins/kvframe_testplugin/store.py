@@ -9,8 +9,8 @@ from typing import Literal
 import numpy as np
 
 import kvframe
+from kvframe.backend import COMPLETED, StoreBackend
 from kvframe.config import StoreConfig
-from kvframe.store import COMPLETED, StoreBackend
 
 
 class ListSumConfig(StoreConfig):
