@@ -57,6 +57,7 @@ class KVStore:
         self._meta: dict[Hashable, KeyMeta] = {}
         self._key_type: type | None = None
         self._optimizer: Any = None
+        self._updater: Any = None  # the user's own, from set_updater
         self._compression: Any = None
         self._closed = False
 
@@ -297,7 +298,8 @@ class KVStore:
 
     def row_sparse_pull(self, key: Any, out: Any = None, priority: int = 0, row_ids: Any = None) -> None:
         """Pull only the rows in ``row_ids`` into RowSparseArray outputs (one id array per output,
-        or one shared by all outputs of a key)."""
+        or one shared by all outputs of a key).  An id array of any shape means the rows it holds
+        (``[[0, 1], [3, 3]]`` is rows 0, 1 and 3), as in MXNet."""
         if row_ids is None:
             raise ValueError("row_sparse_pull needs row_ids")
         keys, single = self._keys(key)
@@ -312,11 +314,15 @@ class KVStore:
         norm_ids = []
         for k, os_, rs in zip(keys, outs, ids):
             meta = self._meta_of(k)
+            native = []
             for r in rs:
-                if as_native(r) is None:
+                arr = as_native(r)
+                if arr is None or isinstance(arr, RowSparseArray):
                     hint = " (a list of row numbers? pass np.array([...]))" if isinstance(r, (int, np.integer)) else ""
-                    raise TypeError(f"key {k!r}: row_ids must be 1-D arrays of row numbers, one per output or one "
+                    raise TypeError(f"key {k!r}: row_ids must be arrays of row numbers, one per output or one "
                                     f"for all; got {type(r).__name__}{hint}")
+                native.append(arr if arr.ndim == 1 else arr.reshape(-1))  # any shape, as MXNet: its rows
+            rs = native
             if len(rs) == 1 and len(os_) > 1:
                 rs = list(rs) * len(os_)
             if len(rs) != len(os_):
@@ -332,9 +338,8 @@ class KVStore:
                                              f"dtype {meta.dtype}")
             checked = []
             for r in rs:
-                r = as_native(r)
-                if r is None or r.ndim != 1:
-                    raise ValueError(f"key {k!r}: row_ids must be 1-D arrays of row numbers")
+                if r.dtype.kind not in "iuf":
+                    raise TypeError(f"key {k!r}: row_ids must hold row numbers; got dtype {r.dtype}")
                 if r.size and (int(r.min()) < 0 or int(r.max()) >= meta.shape[0]):
                     raise IndexError(f"key {k!r}: row_ids must lie in [0, {meta.shape[0]}); got "
                                      f"{int(r.min())}..{int(r.max())}")
@@ -350,6 +355,7 @@ class KVStore:
             raise TypeError(f"an updater must be callable as updater(key, grad, weight); got {type(updater).__name__}")
         self._check_open()
         self._backend.set_updater(sum_only_updater(updater))  # sum-only keys (kvframe.sumkeys) are only summed
+        self._updater, self._optimizer = updater, None
 
     _set_updater = set_updater
 
@@ -368,7 +374,7 @@ class KVStore:
             config = plugins.validate_plugin_config("optimizers", optimizer, "optimizer config", **options)
             opt = plugins.create("optimizers", config)
         self._backend.set_optimizer(SumOnlyOptimizer(opt))  # its updaters leave sum-only keys summed
-        self._optimizer = opt
+        self._optimizer, self._updater = opt, None
 
     @property
     def optimizer(self) -> Any:
@@ -398,6 +404,11 @@ class KVStore:
         """Load states written by :meth:`save_optimizer_states`. States of another optimizer, or
         for other shapes than the keys hold, are refused before anything changes."""
         self._check_open()
+        # say what is missing before touching the file (a store without states raised FileNotFoundError)
+        if "optimizer" not in self._backend.capabilities:
+            raise NotSupportedError(f"store {self._type!r} keeps no optimizer states")
+        if self._optimizer is None and not hasattr(self._updater, "set_states"):
+            raise NotSupportedError("load_optimizer_states needs an optimizer: call set_optimizer first")
         data = Path(fname).read_bytes()
         check = getattr(self._optimizer, "check_states", None)
         # the optimizer can tell whether the states fit the keys here, unless the store writes its own

@@ -195,7 +195,7 @@ def test_row_ids_as_a_list_of_ints_gets_a_clear_error(kv):
 
     kv.init("emb", np.arange(12, dtype=np.float32).reshape(6, 2))
     out = RowSparseArray.zeros((6, 2))
-    with pytest.raises(TypeError, match=r"key 'emb': row_ids must be 1-D arrays.*got int \(a list of row numbers\? "
+    with pytest.raises(TypeError, match=r"key 'emb': row_ids must be arrays of row numbers.*got int \(a list of row numbers\? "
                                         r"pass np.array"):
         kv.row_sparse_pull("emb", out=out, row_ids=[0, 2])  # MXNet refuses it too
     kv.row_sparse_pull("emb", out=out, row_ids=np.array([0, 2]))
@@ -302,3 +302,35 @@ def test_a_plugin_whose_register_hook_fails_breaks_only_its_own_names(tmp_path, 
     finally:
         for name in ("kvframe.stores:qa_hookfail", "kvframe.stores:qa_badmodel"):
             plugins._failed.pop(name, None)
+
+
+# MXNet 1.9.1's own kvstore tests, run against kvframe -------------------------------------------
+@pytest.mark.parametrize("store", ["local", "device"])
+def test_row_sparse_pull_takes_row_ids_of_any_shape(store):
+    kv = kvframe.create(store)
+    w = np.arange(12, dtype=np.float32).reshape(6, 2)
+    kv.init("e", w)
+    out = kvframe.RowSparseArray.zeros((6, 2), np.float32)
+    kv.row_sparse_pull("e", out=out, row_ids=np.array([[0, 1], [3, 3]]))  # rows 0, 1 and 3
+    assert out.indices.tolist() == [0, 1, 3]
+    np.testing.assert_array_equal(out.data, w[[0, 1, 3]])
+    kv.row_sparse_pull("e", out=out, row_ids=np.array(4))  # a 0-d id array is one row
+    assert out.indices.tolist() == [4]
+    with pytest.raises(TypeError, match="key 'e': row_ids must hold row numbers; got dtype <U1"):
+        kv.row_sparse_pull("e", out=out, row_ids=np.array(["a"]))
+
+
+def test_load_optimizer_states_says_there_are_none_before_opening_the_file(tmp_path):
+    kv = kvframe.create("local")
+    kv.init(3, np.zeros(4, np.float32))
+    missing = tmp_path / "no-such-file"
+    with pytest.raises(kvframe.errors.NotSupportedError, match="needs an optimizer: call set_optimizer first"):
+        kv.load_optimizer_states(missing)
+    kv.set_updater(lambda k, g, w: None)  # a plain updater keeps no states
+    with pytest.raises(kvframe.errors.NotSupportedError, match="call set_optimizer first"):
+        kv.load_optimizer_states(missing)
+    kv.set_optimizer("sgd", learning_rate=0.1, momentum=0.9)
+    with pytest.raises(FileNotFoundError):  # now the file is what is missing
+        kv.load_optimizer_states(missing)
+    kv.save_optimizer_states(tmp_path / "s")
+    kv.load_optimizer_states(tmp_path / "s")
