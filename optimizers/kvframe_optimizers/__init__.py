@@ -9,6 +9,7 @@ validates the options with :class:`AdamConfig` and runs :class:`Adam`.
 from kvframe import hookimpl
 from kvframe_optimizers import configs
 from kvframe_optimizers.base import KeyState, Optimizer
+from kvframe_optimizers.checkpoint import StatesFormatError
 from kvframe_optimizers.configs import *  # noqa: F403 - the config models
 from kvframe_optimizers.rules import RULES, create, create_optimizer
 from kvframe_optimizers.schedulers import (
@@ -18,7 +19,7 @@ from kvframe_optimizers.schedulers import (
     PolyScheduler,
     SchedulerConfig,
 )
-from kvframe_optimizers.updater import StatesFormatError, Updater
+from kvframe_optimizers.updater import Updater
 
 
 @hookimpl

@@ -12,25 +12,10 @@ import numpy as np
 
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.errors import DTypeMismatchError, ShapeMismatchError
+from kvframe_optimizers.checkpoint import check_states_for, read_states
 from kvframe_optimizers.engine import runner
-
-MASTER = "weight32"  # name of the float32 master copy of a float16 weight (multi_precision)
-
-
-class KeyState:
-    """What an optimizer keeps for one key: arrays (momentum, moments, master copy...), the key's
-    update count, JSON-able scalars, and the weight's shape and dtype it was made for."""
-
-    __slots__ = ("arrays", "count", "scalars", "shape", "dtype", "xp", "scratch")
-
-    def __init__(self, arrays: dict, count: int, scalars: dict, shape: tuple, dtype: np.dtype, xp: Any = np):
-        self.arrays = arrays
-        self.count = count
-        self.scalars = scalars
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-        self.xp = xp
-        self.scratch: dict = {}  # work buffers, never saved
+from kvframe_optimizers.states import MASTER, KeyState  # noqa: F401 - KeyState is part of this module's API
+from kvframe_optimizers.updater import Updater
 
 
 def _lookup(table: dict, key: Hashable) -> Any:
@@ -62,16 +47,12 @@ class Optimizer:
         self.globals: dict = {}  # optimizer-wide JSON-able state, saved with the states
 
     # construction ---------------------------------------------------------------------------
-    def create_updater(self):
-        from kvframe_optimizers.updater import Updater
-
+    def create_updater(self) -> Updater:
         return Updater(self)
 
     def check_states(self, data: bytes, weights: dict | None = None) -> None:
         """Raise a clear error if ``data`` (saved states) does not fit this optimizer, or the
         weights ``{key: (shape, dtype)}`` of the store it is about to be loaded into."""
-        from kvframe_optimizers.updater import check_states_for, read_states
-
         meta, arrays = read_states(data)
         check_states_for(self, meta, arrays, weights)
 
