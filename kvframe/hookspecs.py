@@ -28,5 +28,11 @@ def kvframe_register_compressors(register):
 
 
 @hookspec
-def kvframe_register_updaters(register):
+def kvframe_register_optimizers(register):
     """Register optimizers. ``factory(config) -> kvframe.protocols.Optimizer``."""
+
+
+@hookspec(warn_on_impl=DeprecationWarning("kvframe_register_updaters is now kvframe_register_optimizers (the "
+                                          "entry-point group was always kvframe.optimizers)"))
+def kvframe_register_updaters(register):
+    """The old name of :func:`kvframe_register_optimizers`, still collected."""

@@ -30,8 +30,9 @@ KINDS = {
     "stores": "kvframe_register_stores",
     "transports": "kvframe_register_transports",
     "compressors": "kvframe_register_compressors",
-    "optimizers": "kvframe_register_updaters",
+    "optimizers": "kvframe_register_optimizers",
 }
+OLD_HOOK_NAMES = {"kvframe_register_updaters": "optimizers"}  # still collected, with a DeprecationWarning
 
 # Where the built-in names live, so a missing one can say what to install.
 KNOWN_DISTRIBUTIONS = {
@@ -115,7 +116,7 @@ def register_plugin(module: ModuleType | object, name: str | None = None,
         pname = name or getattr(module, "__name__", None) or repr(module)
         if pm.get_plugin(pname) is None:
             pm.register(module, name=pname)
-        for kind, hook_name in KINDS.items():
+        for hook_name, kind in [(h, k) for k, h in KINDS.items()] + list(OLD_HOOK_NAMES.items()):
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 if impl.plugin_name != pname:
                     continue

@@ -213,7 +213,7 @@ def test_init_refuses_a_dtype_the_store_cannot_sum(store_type, name):
     msg = str(info.value)
     assert msg.startswith(f"key 'k': the value has dtype {bad.dtype}, which a store cannot sum")
     assert "accepted dtypes: bool, int8/16/32/64, uint8/16/32/64, float16/32/64" in msg
-    assert kv.keys() == ["ok"] and set(kv.backend._data) == {"ok"}  # neither key was stored
+    assert kv.keys() == ["ok"] and "fresh" not in kv.backend._values and "k" not in kv.backend._values  # neither key was stored
     out = np.zeros(4, f32)
     with pytest.raises(DTypeMismatchError, match=re.escape(f"key 'ok': pushed value has dtype {bad.dtype}")):
         kv.push("ok", bad)
@@ -381,7 +381,7 @@ def test_multi_key_push_on_gpus_is_all_or_nothing(fake_gpus):
     assert_same(before, snapshot(kv))
     assert {k: kv.backend.merge_device(k) for k in ("a", "bad")} == devices
     for k in ("a", "bad"):  # the values stayed on their devices
-        assert kv.backend._data[k].device.id == devices[k][1]
+        assert kv.backend._values[k].device.id == devices[k][1]
     kv.set_optimizer("sgd", learning_rate=0.5)
     kv.init("i", on_gpu(cp, 0, np.ones(4), np.int32))
     before = snapshot(kv)

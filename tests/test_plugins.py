@@ -160,3 +160,22 @@ def test_in_process_plugin_registration_and_store_options_validated():
 def test_mxnet_store_aliases():
     assert kvframe.create("local_allreduce_cpu").type == "local_allreduce_cpu"
     assert type(kvframe.create("LOCAL").backend).__name__ == "LocalStore"
+
+
+def test_optimizer_hook_old_name_still_registers_with_a_deprecation_warning():
+    from kvframe.config import OptimizerConfig
+
+    class OldCfg(OptimizerConfig):
+        type: str = "oldhookopt"
+
+    class OldStyle:
+        @kvframe.hookimpl
+        def kvframe_register_updaters(self, register):
+            register("oldhookopt", lambda cfg: ("made", cfg.type), OldCfg)
+
+    with pytest.warns(DeprecationWarning, match="kvframe_register_updaters is now kvframe_register_optimizers"):
+        plugins.register_plugin(OldStyle(), name="old-hook-plugin")
+    try:
+        assert plugins.build("optimizers", "oldhookopt", "test") == ("made", "oldhookopt")
+    finally:
+        plugins.unregister_plugin("old-hook-plugin")

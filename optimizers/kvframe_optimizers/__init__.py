@@ -1,7 +1,7 @@
 """kvframe plugin: optimizers (Apache MXNet 1.9.1's registry, plus adamw, adabelief and lans from
 MXNet 2.0), learning-rate schedulers and the updater with safe checkpoints.
 
-Every optimizer is registered through the ``kvframe_register_updaters`` hook and has its own entry
+Every optimizer is registered through the ``kvframe_register_optimizers`` hook and has its own entry
 point in the ``kvframe.optimizers`` group, so ``kv.set_optimizer('adam', learning_rate=0.01)``
 validates the options with :class:`AdamConfig` and runs :class:`Adam`.
 """
@@ -23,7 +23,7 @@ from kvframe_optimizers.updater import Updater
 
 
 @hookimpl
-def kvframe_register_updaters(register):
+def kvframe_register_optimizers(register):
     for name, (_, config_model) in RULES.items():
         register(name, create, config_model)
 

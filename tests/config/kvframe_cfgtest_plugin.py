@@ -107,5 +107,5 @@ def kvframe_register_compressors(register):
 
 
 @kvframe.hookimpl
-def kvframe_register_updaters(register):
+def kvframe_register_optimizers(register):
     register("cfgtest_sgd", Optimizer, CfgSGD)

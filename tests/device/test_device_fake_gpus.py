@@ -59,7 +59,7 @@ def test_gpus_give_the_numpy_store_results(cp, comp):
         np.testing.assert_array_equal(host, want)
     store = kv_gpu.backend
     merge = store.merge_device(7)
-    assert merge[0] == "gpu" and store._data[7].device.id == merge[1]
+    assert merge[0] == "gpu" and store._values[7].device.id == merge[1]
     if comp:
         for slot, d in enumerate(slots):
             res = store.residual(7, slot)
@@ -92,7 +92,7 @@ def test_keys_spread_over_gpus_largest_first(cp):
     assert {k: store.merge_device(k) for k in sizes} == {
         "b": ("gpu", 0), "c": ("gpu", 1), "d": ("gpu", 2), "a": ("gpu", 2)}
     for k in sizes:  # each stored value moved to its merge device
-        assert store._data[k].device.id == store.merge_device(k)[1]
+        assert store._values[k].device.id == store.merge_device(k)[1]
     out = on(cp, 0, np.zeros(10))
     kv.pull("a", out=out)
     np.testing.assert_array_equal(out.get(), 3)

@@ -21,18 +21,19 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from kvframe_local.store import LocalConfig, LocalStore, group_by_key
 from pydantic import Field
 
 from kvframe import parallel
 from kvframe.arrays import RowSparseArray, array_module
-from kvframe.backend import COMPLETED, Handle
+from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import DTypeMismatchError
+from kvframe.keyvalues import InProcessStoreConfig, KeyValues, group_by_key
+from kvframe.reduce import Reducer
 from kvframe_device.copy import copy_into, device_id, empty_on, enable_peer_access, to_device, zeros_on
 
 
-class DeviceConfig(LocalConfig):
-    type: Literal["device"] = "device"  # type: ignore[assignment]
+class DeviceConfig(InProcessStoreConfig):
+    type: Literal["device"] = "device"
     block: int = Field(1 << 17, ge=1024, le=1 << 24, description="elements per cache block when compression is "
                                                                  "fused with the reduction on CPU arrays")
     p2p: bool = Field(True, description="enable direct GPU-to-GPU copies where the hardware allows")
@@ -69,28 +70,34 @@ def _memory(dev: tuple) -> int | None:
     return dev[1] if dev[0] == "gpu" else None
 
 
-class DeviceStore(LocalStore):
+def _copy(value: Any) -> Any:
+    """A copy of ``value`` on its own device."""
+    return copy_into(empty_on(device_id(value), value.shape, value.dtype), value)
+
+
+class DeviceStore(InProcessUpdates, StoreBackend):
     capabilities = frozenset({"optimizer", "row_sparse", "compression"})
 
     def __init__(self, config: DeviceConfig):
         super().__init__(config)
+        self._values = KeyValues(Reducer(config.reduce_threads, config.bigarray_bound))
         self._pending: list = []  # keys initialised but not yet placed
         self._merge_dev: dict = {}  # key -> device tuple
         self._loads: dict = {}  # device tuple -> elements placed there
         self._compressor: Any = None
         self._residual: dict = {}  # key -> list (per slot) of flat residual arrays
 
-    # placement --------------------------------------------------------------------------------
-    def _place(self, key: Any, value: Any) -> Any:
-        arr = value.todense() if isinstance(value, RowSparseArray) else value
-        dev = device_id(arr)
-        if dev is None:
-            return np.array(arr, copy=True, order="C")
-        out = empty_on(dev, arr.shape, arr.dtype)
-        return copy_into(out, arr)
+    def set_updater(self, updater: Any) -> None:
+        super().set_updater(updater)
+        self._values.updater = updater
 
+    # placement --------------------------------------------------------------------------------
     def init(self, keys: list, values: list) -> None:
-        super().init(keys, values)
+        for k, v in zip(keys, values):
+            arr = v.todense() if isinstance(v, RowSparseArray) else v
+            dev = device_id(arr)
+            self._values[k] = np.array(arr, copy=True, order="C") if dev is None else \
+                copy_into(empty_on(dev, arr.shape, arr.dtype), arr)
         self._pending.extend(keys)
 
     def _assign(self, devices: list) -> None:
@@ -102,13 +109,12 @@ class DeviceStore(LocalStore):
         gpus = sorted({d[1] for d in devices if d[0] == "gpu"})
         if len(gpus) > 1 and self.config.p2p:
             enable_peer_access(gpus)
-        order = sorted(self._pending, key=lambda k: -self._data[k].size)  # stable: init order breaks ties
+        order = sorted(self._pending, key=lambda k: -self._values[k].size)  # stable: init order breaks ties
         for k in order:
             dev = min(devices, key=lambda d: self._loads[d])
-            self._loads[dev] += int(self._data[k].size)
+            self._loads[dev] += int(self._values[k].size)
             self._merge_dev[k] = dev
-            self._data[k] = to_device(self._data[k], _memory(dev))
-            self._merge_buf.pop(k, None)
+            self._values[k] = to_device(self._values[k], _memory(dev))
         self._pending = []
 
     def merge_device(self, key: Any) -> tuple | None:
@@ -134,24 +140,20 @@ class DeviceStore(LocalStore):
                     if d not in devices:
                         devices.append(d)
             self._assign(devices)
-        if self._checked_updates(grouped):  # every key is checked before any changes
+        # row-sparse values reach the updater on the held value's device (host, or densified there)
+        if self._values.needs_staging(grouped, lambda k, vals: self._values[k]):
             self._staged_push(grouped)
         else:
             for k, vals in grouped.items():
                 self._push_key(k, vals)
 
-    def _grad_for_check(self, key: Any, vals: list) -> Any:
-        # row-sparse values reach the updater on the stored value's device (host, or densified there)
-        return self._data[key]
-
-    def _copy_value(self, value: Any) -> Any:
-        return copy_into(empty_on(device_id(value), value.shape, value.dtype), value)
-
     def _staged_push(self, grouped: dict) -> None:
-        """As the local store's, and the compression residuals of the keys are put back too."""
-        saved = {k: [self._copy_value(r) for r in self._residual[k]] for k in grouped if k in self._residual}
+        """All or nothing: values and compression residuals of the keys are put back on failure."""
+        saved = {k: [_copy(r) for r in self._residual[k]] for k in grouped if k in self._residual}
         try:
-            super()._staged_push(grouped)
+            with self._values.staged(grouped, _copy):
+                for k, vals in grouped.items():
+                    self._push_key(k, vals)
         except BaseException:
             for k in grouped:
                 if k in saved:
@@ -172,44 +174,26 @@ class DeviceStore(LocalStore):
                     raise DTypeMismatchError(f"key {key!r}: {exc}") from None
 
     def _push_key(self, key: Any, vals: list) -> None:
-        stored = self._data[key]
+        held = self._values[key]
         sparse = any(isinstance(v, RowSparseArray) for v in vals)
-        host = device_id(stored) is None and all(type(v) is np.ndarray for v in vals)
+        host = device_id(held) is None and all(type(v) is np.ndarray for v in vals)
         if self._compressor is not None and not sparse:
             self._compressed_push(key, vals)
-        elif host or (sparse and device_id(stored) is None):
-            super()._push_key(key, [_to_host(v) for v in vals])
+        elif host or (sparse and device_id(held) is None):
+            self._values.push_on_host(key, [_to_host(v) for v in vals])
         else:
-            self._apply(key, self._device_merge(key, vals))
+            self._values.apply(key, self._on_held_device(key, self._device_merge(key, vals)))
 
     def _target(self, key: Any) -> Any:
-        """Where the merged value is written: the stored value itself without an updater."""
-        stored = self._data[key]
-        if self._updater is None:
-            return stored
-        buf = self._merge_buf.get(key)
-        if buf is None:
-            buf = self._merge_buf[key] = empty_on(device_id(stored), stored.shape, stored.dtype)
-        return buf
-
-    def _apply_target(self, key: Any, target: Any) -> None:
-        """Run the updater on the merged value, on the merge device (as the current device)."""
-        if self._updater is None:
-            return
-        stored = self._data[key]
-        if device_id(stored) is None:
-            self._updater(key, target, stored)
-        else:
-            with stored.device:
-                self._updater(key, target, stored)
+        """Where the merged value is written: the held value itself without an updater."""
+        return self._values[key] if self._values.updater is None else self._values.merge_buffer(key)
 
     def _device_merge(self, key: Any, vals: list) -> Any:
-        """Uncompressed reduce of dense values on the key's merge device (written into the store
-        itself when there is no updater)."""
-        stored = self._data[key]
-        mem = device_id(stored)
+        """Uncompressed reduce of dense values on the key's merge device (written into the held
+        value itself when there is no updater)."""
+        mem = device_id(self._values[key])
         dense = [_dense(v) for v in vals]
-        if len(dense) == 1 and device_id(dense[0]) == mem and self._updater is not None:
+        if len(dense) == 1 and device_id(dense[0]) == mem and self._values.updater is not None:
             return dense[0]
         target = self._target(key)
         copy_into(target, dense[0])
@@ -222,21 +206,14 @@ class DeviceStore(LocalStore):
                 target += to_device(v, mem)
         return target
 
-    def _apply(self, key: Any, merged: Any) -> None:
-        stored = self._data[key]
-        if device_id(stored) is None:
-            if not isinstance(merged, RowSparseArray) and device_id(merged) is not None:
-                merged = merged.get()
-            super()._apply(key, merged)
-        elif self._updater is not None:
-            with stored.device:
-                self._updater(key, merged, stored)
-        elif isinstance(merged, RowSparseArray):
-            with stored.device:
-                stored[...] = 0
-                stored[to_device(merged.indices, device_id(stored))] = to_device(merged.data, device_id(stored))
-        else:
-            copy_into(stored, merged)
+    def _on_held_device(self, key: Any, merged: Any) -> Any:
+        """``merged`` where the held value lives (host memory or its GPU)."""
+        mem = device_id(self._values[key])
+        if isinstance(merged, RowSparseArray):
+            if mem is None:
+                return _to_host(merged)
+            return RowSparseArray(to_device(merged.data, mem), to_device(merged.indices, mem), merged.shape)
+        return to_device(merged, mem) if device_id(merged) != mem else merged
 
     # compression ----------------------------------------------------------------------------------
     def set_gradient_compression(self, compressor: Any) -> None:
@@ -285,7 +262,8 @@ class DeviceStore(LocalStore):
                 else:
                     with target.device:
                         comp.decode(payload, target, accumulate=i > 0)
-        self._apply_target(key, target)
+        if self._values.updater is not None:  # without one the sum was written into the held value
+            self._values.apply(key, target)
 
     def _fused_host(self, comp: Any, flats: list, res: list, out: np.ndarray, multiple: int) -> None:
         """Encode, decode and sum block by block, each block staying in cache.  A codec with
@@ -307,21 +285,29 @@ class DeviceStore(LocalStore):
         if n < self.config.bigarray_bound:
             work(0, n)
         else:
-            parallel.run_ranges(work, n, self._reducer.threads, block)
+            parallel.run_ranges(work, n, self._values.reducer.threads, block)
 
     # pull -----------------------------------------------------------------------------------------
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         for k, os_ in zip(keys, outs):
-            stored = self._data[k]
-            if device_id(stored) is None and all(type(o) is np.ndarray or isinstance(o, RowSparseArray)
-                                                 for o in os_):
-                super().pull([k], [os_], priority, ignore_sparse)
+            held = self._values[k]
+            if device_id(held) is None and all(type(o) is np.ndarray or isinstance(o, RowSparseArray) for o in os_):
+                self._values.pull_on_host(k, os_)
                 continue
             for o in os_:
                 if isinstance(o, RowSparseArray):
-                    xp = array_module(stored)
-                    o.data, o.indices = stored.copy(), xp.arange(stored.shape[0], dtype=np.int64)
+                    xp = array_module(held)
+                    o.data, o.indices = held.copy(), xp.arange(held.shape[0], dtype=np.int64)
                 else:
-                    copy_into(o, stored)
+                    copy_into(o, held)
         return COMPLETED
 
+    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        # every reduction finishes before any output is written: outs may alias the inputs
+        self.push(keys, values, priority)
+        return self.pull(keys, outs, priority)
+
+    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+        for k, os_, ids in zip(keys, outs, row_ids):
+            self._values.row_sparse_pull(k, os_, ids)
+        return COMPLETED

@@ -45,5 +45,5 @@ class HalfSign:
 
 
 @kvframe.hookimpl
-def kvframe_register_updaters(register):
+def kvframe_register_optimizers(register):
     register("halfsign", HalfSign, HalfSignConfig)
