@@ -101,6 +101,11 @@ class StoreBackend:
     def push(self, keys: list, values: list[list], priority: int = 0) -> None:
         raise NotImplementedError
 
+    def push_donated(self, keys: list, values: list[list], priority: int = 0) -> None:
+        """``push`` of arrays the caller hands over (``KVStore.push(..., donate=True)``): a store may
+        keep them instead of copying.  The default copies, as ``push`` does."""
+        self.push(keys, values, priority)
+
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         raise NotImplementedError
 

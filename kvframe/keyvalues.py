@@ -109,6 +109,18 @@ class KeyValues(dict):
             else:
                 self.reducer.copy_into(held, merged)
 
+    def adopt(self, key: Any, array: Any) -> bool:
+        """Hold ``array`` itself as the key's value when it can stand in for the held one (a
+        writeable, C-contiguous numpy array of its shape and dtype, and no updater to run):
+        a donated push with no copy.  False when it cannot; the caller then pushes as usual."""
+        held = self[key]
+        if self.updater is not None or type(array) is not np.ndarray or array is held \
+                or not (array.flags.c_contiguous and array.flags.writeable) \
+                or array.shape != held.shape or array.dtype != held.dtype:
+            return False
+        self[key] = array
+        return True
+
     # pull -------------------------------------------------------------------------------------
     def pull_on_host(self, key: Any, outs: list) -> None:
         held = self[key]

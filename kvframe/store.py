@@ -197,17 +197,29 @@ class KVStore:
         if self._key_type is None:
             self._key_type = type(keys[0])
 
-    def push(self, key: Any, value: Any, priority: int = 0) -> None:
-        """Push values (a list per key is summed). Returns once the inputs may be reused."""
+    def push(self, key: Any, value: Any, priority: int = 0, donate: bool = False) -> None:
+        """Push values (a list per key is summed). Returns once the inputs may be reused.
+
+        ``donate=True`` hands the pushed arrays over to the store, as JAX's buffer donation: a store
+        that can (``local``, for one numpy array per key and no updater) keeps the array itself as
+        the key's value instead of copying it, which saves one copy per push.  **Hazard:** the
+        array then *is* the store's value: do not read or write it after the push (not even to
+        push it again; pull into another array).  Other stores copy, as without ``donate``."""
         if type(value) is np.ndarray and (type(key) is int or type(key) is str) and not self._closed:  # lean case
             meta = self._meta.get(key)
             if meta is not None and value.shape == meta.shape and value.dtype == meta.dtype:
-                self._backend.push([key], [[value]], priority)
+                if donate:
+                    self._backend.push_donated([key], [[value]], priority)
+                else:
+                    self._backend.push([key], [[value]], priority)
                 return
         keys, single = self._keys(key)
         values = self._per_key(keys, single, value, "value")
         self._check_values(keys, values, "pushed value")
-        self._backend.push(keys, values, priority)
+        if donate:
+            self._backend.push_donated(keys, values, priority)
+        else:
+            self._backend.push(keys, values, priority)
 
     def _outs(self, key: Any, out: Any, what: str = "out") -> tuple[list, list[list]]:
         if out is None:

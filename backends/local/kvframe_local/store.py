@@ -54,6 +54,15 @@ class LocalStore(InProcessUpdates, StoreBackend):
         else:
             self._push_all(grouped)
 
+    def push_donated(self, keys: list, values: list[list], priority: int = 0) -> None:
+        # one array for a key, no updater: it becomes the key's value (no copy); anything else is a push
+        if len(set(keys)) == len(keys) and all(len(vals) == 1 for vals in values) and self._values.updater is None:
+            rest = [(k, vals) for k, vals in zip(keys, values) if not self._values.adopt(k, vals[0])]
+            if rest:
+                self.push([k for k, _ in rest], [vals for _, vals in rest], priority)
+            return
+        self.push(keys, values, priority)
+
     def _push_all(self, grouped: dict) -> None:
         for k, vals in grouped.items():
             self._values.push_on_host(k, vals)
