@@ -545,9 +545,9 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides = env_overrides(environ)
     env_paths: dict[tuple[str, ...], str] = {}
     used: dict[str, str] = {}
-    for var, path, value, raw in overrides:
-        _apply_override(data, path, value, var)
-        env_paths[path] = var
+    for var, field_path, value, raw in overrides:
+        _apply_override(data, field_path, value, var)
+        env_paths[field_path] = var
         used[var] = raw
     if overrides:  # the file's values and the variables' together
         check_limits(data, f"config {shorten(source)} with the KVFRAME_... environment overrides")
@@ -591,7 +591,8 @@ def _tagged(reg: Any) -> type[BaseModel]:
     ann = model.model_fields["type"].annotation
     if get_origin(ann) is Literal and get_args(ann) == (reg.name,):
         return model
-    return pydantic.create_model(model.__name__, __base__=model, type=(Literal[reg.name], reg.name))
+    pinned: Any = Literal[reg.name]  # a type made at run time, which the type checker cannot follow
+    return pydantic.create_model(model.__name__, __base__=model, type=(pinned, reg.name))
 
 
 def _union(kind: str, skipped: list[str]) -> Any:

@@ -51,7 +51,7 @@ def unique_rows(row_ids: Any) -> Any:
 
 def on_device_of(value: Any) -> contextlib.AbstractContextManager:
     """The device of a GPU array as the current device (cupy), else nothing to do."""
-    device = getattr(value, "device", None)
+    device: Any = getattr(value, "device", None)
     return device if hasattr(device, "__enter__") else contextlib.nullcontext()
 
 

@@ -4,7 +4,7 @@ row-sparse updates) and the per-key states it keeps."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -227,7 +227,8 @@ class Optimizer:
         arrays = [w.reshape(-1), g.reshape(-1), *(s.reshape(-1) for s in states), *(e.reshape(-1) for e in extra)]
         return runner().run(self.kernel, p, arrays, self.ntmp, w.dtype)
 
-    def kernel(self, xp: Any, p: SimpleNamespace, a: list, t: list) -> Any:  # pragma: no cover - abstract
+    @staticmethod
+    def kernel(xp: Any, p: Any, a: Sequence[Any], t: Sequence[Any]) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # helpers for kernels and steps ----------------------------------------------------------

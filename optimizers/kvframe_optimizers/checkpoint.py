@@ -113,5 +113,6 @@ def write_states(meta: dict, arrays: Mapping[str, np.ndarray]) -> bytes:
     """The bytes of a checkpoint: ``meta`` (given its format and version here) and the arrays."""
     meta = {"format": FORMAT, "version": VERSION, **meta}
     buf = io.BytesIO()
-    np.savez(buf, **{META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}, **arrays)
+    entries: dict[str, Any] = {META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8), **arrays}
+    np.savez(buf, **entries)
     return buf.getvalue()
