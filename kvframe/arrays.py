@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from types import ModuleType
+from typing import Any, TypeAlias
 
 import numpy as np
 
+#: An array as the stores take and give it: a numpy ndarray, a cupy ndarray or a
+#: :class:`RowSparseArray` (the front has turned DLPack producers such as torch tensors into one of
+#: those). cupy ships no type information, so to a type checker this is ``Any``; the name says what
+#: is meant.
+Array: TypeAlias = Any
 
-def array_module(x: Any):
+
+def array_module(x: Any) -> ModuleType:
     """numpy or cupy, whichever owns ``x`` (cupy is never imported unless it already is)."""
     if type(x) is np.ndarray:
         return np
@@ -89,7 +96,7 @@ class RowSparseArray:
         self.shape = shape
 
     @property
-    def dtype(self):
+    def dtype(self) -> Any:  # numpy's or cupy's dtype
         return self.data.dtype
 
     @property

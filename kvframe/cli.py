@@ -4,6 +4,7 @@
     kvframe validate [FILE] [--json]   check a config file (default: $KVFRAME_CONFIG)
     kvframe config-schema [-o FILE]    JSON Schema of the config file for the installed plugins
     kvframe bench [--quick] [...]      run benchmarks/run_all.py from the source tree
+    kvframe timeline FILE... [-o OUT]  merge KVFRAME_TIMELINE files onto one clock, for Perfetto
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ KIND_TITLES = {"stores": "stores", "transports": "transports", "compressors": "c
 
 def _disabled_entry_points() -> list[dict[str, str]]:
     blocked = {n.strip() for n in os.environ.get("KVFRAME_DISABLE_PLUGINS", "").split(",") if n.strip()}
-    out = []
+    out: list[dict[str, str]] = []
     if not blocked:
         return out
     for kind in plugins.KINDS:
         for ep in metadata.entry_points(group=f"kvframe.{kind}"):
-            dist = ep.dist.metadata["Name"] if getattr(ep, "dist", None) is not None else None
+            ep_dist: metadata.Distribution | None = getattr(ep, "dist", None)
+            dist = ep_dist.metadata["Name"] if ep_dist is not None else None
             if ep.name in blocked or (dist is not None and dist in blocked):
                 out.append({"kind": kind, "name": ep.name, "distribution": dist or "?"})
     return out
@@ -53,8 +55,9 @@ def plugin_report() -> dict[str, Any]:
         group, _, name = key.partition(":")
         dist = "?"
         for ep in metadata.entry_points(group=group):
-            if ep.name == name and getattr(ep, "dist", None) is not None:
-                dist = f"{ep.dist.metadata['Name']} {ep.dist.version}"
+            ep_dist: metadata.Distribution | None = getattr(ep, "dist", None)
+            if ep.name == name and ep_dist is not None:
+                dist = f"{ep_dist.metadata['Name']} {ep_dist.version}"
         report["failed"].append({"kind": group.removeprefix("kvframe."), "name": name, "distribution": dist,
                                  "reason": reason})
     report["disabled"] = _disabled_entry_points()
@@ -162,6 +165,45 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+# timeline -------------------------------------------------------------------------------------
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from kvframe import timeline
+
+    try:
+        files = timeline.expand(args.files)
+    except FileNotFoundError as exc:
+        print(f"kvframe timeline: {exc}", file=sys.stderr)
+        return 1
+    out = args.output or timeline.default_output(files)
+    if out is None:
+        print("kvframe timeline: give -o OUT (the files do not share one KVFRAME_TIMELINE name)", file=sys.stderr)
+        return 2
+    out_path = os.path.abspath(out)
+    files = [f for f in files if os.path.abspath(f) != out_path]  # never read the output being written
+    if not files:
+        print(f"kvframe timeline: nothing to merge but the output {out}", file=sys.stderr)
+        return 1
+    try:
+        doc, summary, notes = timeline.merge(files)
+    except (OSError, ValueError) as exc:
+        print(f"kvframe timeline: {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"kvframe timeline: {note}", file=sys.stderr)
+    try:
+        Path(out).write_text(json.dumps(doc, separators=(",", ":")) + "\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"kvframe timeline: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    w = max((len(r["process"]) for r in summary), default=0)
+    for r in summary:
+        print(f"{r['process']:<{w}}  {r['events']:>7} events  {r['ops']:>6} ops  span {r['span_us'] / 1000:10.3f} ms  "
+              f"from {r['start_us'] / 1000:.3f} ms  ({r['file']})")
+    print(f"wrote {out}: {len(summary)} processes; open it in https://ui.perfetto.dev (or chrome://tracing)")
+    return 0
+
+
 # main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setup-mxnet", action="store_true",
                    help="create MXNet 1.9.1's venv when it is missing (by default MXNet runs only if it is there)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("timeline", help="merge KVFRAME_TIMELINE files (one per process) onto one clock for Perfetto")
+    p.add_argument("files", nargs="+", metavar="FILE", help="per-process timeline files, or the KVFRAME_TIMELINE "
+                   "value that named them (trace.json finds trace.worker0.json, trace.server0.json, ...)")
+    p.add_argument("-o", "--output", help="the merged trace (default: trace.json for trace.*.json, "
+                   "DIR/timeline.json for a directory)")
+    p.set_defaults(func=_cmd_timeline)
     return parser
 
 

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypeAlias, Union, runtime_checkable
+
+import numpy as np
+
+from kvframe.arrays import Array
+from kvframe.config import CompressionConfig, OptimizerConfig, TransportConfig
+
+#: One frame of a message as :meth:`Transport.send` takes it: any C-contiguous buffer (bytes, a
+#: memoryview, a numpy array...); its raw bytes travel, nothing is pickled.
+Frame: TypeAlias = Union[bytes, bytearray, memoryview, np.ndarray]
+#: A message as :meth:`Transport.recv` gives it: one flat byte view per frame, in order.
+Frames: TypeAlias = list[memoryview]
 
 
 @runtime_checkable
 class Updater(Protocol):
     """Applies an optimizer step in place: ``updater(key, grad, weight)``."""
 
-    def __call__(self, key: Hashable, grad: Any, weight: Any) -> None: ...
+    def __call__(self, key: Hashable, grad: Array, weight: Array) -> None: ...
 
 
 @runtime_checkable
@@ -24,7 +35,9 @@ class StatefulUpdater(Updater, Protocol):
 class Optimizer(Protocol):
     """What ``set_optimizer`` needs: the validated config (sent to servers) and an updater."""
 
-    config: Any  # a kvframe.config.OptimizerConfig
+    # read-only here, so that a plain attribute holding a subclass (the plugin's own model) matches
+    @property
+    def config(self) -> OptimizerConfig: ...
 
     def create_updater(self) -> StatefulUpdater: ...
 
@@ -35,13 +48,14 @@ class Compressor(Protocol):
     returns the payload array; ``decode`` writes (or adds, with ``accumulate``) the dense values
     into ``out``, which has the original gradient's shape and dtype."""
 
-    config: Any  # a kvframe.config.CompressionConfig
+    @property
+    def config(self) -> CompressionConfig: ...
 
     def compressed_nbytes(self, size: int) -> int: ...
 
-    def encode(self, grad: Any, residual: Any) -> Any: ...
+    def encode(self, grad: Array, residual: Array) -> Array: ...
 
-    def decode(self, payload: Any, out: Any, accumulate: bool = False) -> Any: ...
+    def decode(self, payload: Array, out: Array, accumulate: bool = False) -> Array: ...
 
 
 @runtime_checkable
@@ -65,7 +79,8 @@ class Transport(Protocol):
     and ``shared_memory_peers()``; the roles use them where present.
     """
 
-    config: Any  # a kvframe.config.TransportConfig
+    @property
+    def config(self) -> TransportConfig: ...
 
     def listen(self, host: str, port: int = 0) -> str:
         """Accept connections on ``host:port`` (port 0: a free one). Returns the address peers
@@ -82,12 +97,12 @@ class Transport(Protocol):
         May connect lazily; raises ``TransportError`` for an address this transport cannot use."""
         ...
 
-    def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
+    def send(self, peer: Hashable, frames: Sequence[Frame]) -> None:
         """Send one message. Returns once the frames' memory may be reused by the caller. Raises
         ``TransportError`` when the peer is gone."""
         ...
 
-    def recv(self, timeout: float) -> tuple[Hashable, list[memoryview]] | None:
+    def recv(self, timeout: float) -> tuple[Hashable, Frames] | None:
         """The next message from any peer as ``(peer, frames)``, or None after ``timeout`` seconds.
         Frames stay valid until the caller drops them."""
         ...

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvframe import plugins
+from kvframe import timeline as _timeline
 from kvframe.arrays import RowSparseArray, as_native, describe
 from kvframe.backend import COMPLETED, Handle, StoreBackend, check_summable
 from kvframe.configfile import KVFrameConfig, load_config
@@ -29,6 +30,7 @@ from kvframe.errors import (
     NotSupportedError,
     ShapeMismatchError,
 )
+from kvframe.log import configure as _configure_logging
 from kvframe.protocols import Optimizer
 from kvframe.sumkeys import SumOnlyOptimizer, sum_only_updater
 
@@ -52,6 +54,9 @@ class KVStore:
     """A key-value store for data-parallel training, with Apache MXNet's KVStore API."""
 
     def __init__(self, backend: StoreBackend, type_name: str):
+        _configure_logging()  # KVFRAME_LOG_LEVEL (a bad value is refused here)
+        if _timeline.enabled:  # a backend that knows its role named the process already
+            _timeline.name_process("worker", backend.rank, override=False)
         self._backend = backend
         self._type = type_name
         self._meta: dict[Hashable, KeyMeta] = {}
@@ -176,6 +181,9 @@ class KVStore:
     # data -----------------------------------------------------------------------------------
     def init(self, key: Any, value: Any) -> None:
         """Initialise one key or a list of keys. In distributed stores rank 0's value wins."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            _timeline.trace_op("init", key, value, self.init, key, value)
+            return
         keys, single = self._keys(key)
         values = self._per_key(keys, single, value, "value")
         seen: set = set()
@@ -205,6 +213,9 @@ class KVStore:
         the key's value instead of copying it, which saves one copy per push.  **Hazard:** the
         array then *is* the store's value: do not read or write it after the push (not even to
         push it again; pull into another array).  Other stores copy, as without ``donate``."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            _timeline.trace_op("push", key, value, self.push, key, value, priority, donate=donate)
+            return
         if type(value) is np.ndarray and (type(key) is int or type(key) is str) and not self._closed:  # lean case
             meta = self._meta.get(key)
             if meta is not None and value.shape == meta.shape and value.dtype == meta.dtype:
@@ -231,6 +242,8 @@ class KVStore:
     def pull(self, key: Any, out: Any = None, priority: int = 0, ignore_sparse: bool = True,
              wait: bool = True) -> Handle:
         """Write each key's value into ``out``. With ``wait=False`` returns a handle to wait on."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            return _timeline.trace_op("pull", key, out, self.pull, key, out, priority, ignore_sparse, wait=wait)
         if type(out) is np.ndarray and (type(key) is int or type(key) is str) and not self._closed:  # lean case
             meta = self._meta.get(key)
             if meta is not None and out.shape == meta.shape and out.dtype == meta.dtype and out.flags.writeable:
@@ -271,6 +284,8 @@ class KVStore:
     def pushpull(self, key: Any, value: Any, out: Any = None, priority: int = 0, wait: bool = True) -> Handle:
         """Push then pull in one step; ``out=None`` writes the result back into ``value``.
         With a key list every reduction finishes before any output is written."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            return _timeline.trace_op("pushpull", key, value, self.pushpull, key, value, out, priority, wait=wait)
         keys, single = self._keys(key)
         values = self._per_key(keys, single, value, "value")
         self._check_values(keys, values, "pushed value")
@@ -289,6 +304,9 @@ class KVStore:
 
     def broadcast(self, key: Any, value: Any, out: Any, priority: int = 0) -> None:
         """Initialise keys with ``value`` (rank 0's, in distributed stores) and pull into ``out``."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            _timeline.trace_op("broadcast", key, value, self.broadcast, key, value, out, priority)
+            return
         keys, single = self._keys(key)
         values = self._per_key(keys, single, value, "value")
         _, outs = self._outs(key, out)
@@ -312,6 +330,9 @@ class KVStore:
         """Pull only the rows in ``row_ids`` into RowSparseArray outputs (one id array per output,
         or one shared by all outputs of a key).  An id array of any shape means the rows it holds
         (``[[0, 1], [3, 3]]`` is rows 0, 1 and 3), as in MXNet."""
+        if _timeline.enabled and _timeline.tracing():  # KVFRAME_TIMELINE: one span per key
+            _timeline.trace_op("row_sparse_pull", key, out, self.row_sparse_pull, key, out, priority, row_ids=row_ids)
+            return
         if row_ids is None:
             raise ValueError("row_sparse_pull needs row_ids")
         keys, single = self._keys(key)

@@ -108,7 +108,9 @@ class _Worker(threading.Thread):
 
     def __init__(self, fn: Callable[[], Any]):
         super().__init__(daemon=True)
-        self.fn, self.result, self.error = fn, None, None
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:

@@ -4,9 +4,11 @@ flat byte views (any contiguous buffer: bytes, numpy arrays, memoryviews)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+
+import numpy as np
 
 from kvframe.errors import TransportError
+from kvframe.protocols import Frame
 
 _ADDRESS = re.compile(r"^tcp://(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<host>[^:/\[\]\s]+)):(?P<port>\d{1,5})/?$")
 
@@ -22,9 +24,14 @@ def parse_address(address: str) -> tuple[str, int]:
     return m["v6"] or m["host"], int(m["port"])
 
 
-def byte_view(frame: Any, i: int) -> memoryview:
+def byte_view(frame: Frame, i: int) -> memoryview:
     """Frame ``i`` as a flat view of its bytes, without a copy."""
-    mv = frame if isinstance(frame, memoryview) else memoryview(frame)
+    if isinstance(frame, memoryview):
+        mv = frame
+    elif isinstance(frame, np.ndarray):
+        mv = frame.data  # memoryview(frame), which numpy types as a buffer only on Python 3.12+
+    else:
+        mv = memoryview(frame)
     if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
         return mv
     if not mv.c_contiguous:

@@ -176,7 +176,7 @@ class Ring:
     def close(self) -> None:
         self.unlink()
         self.data = None
-        self.header = self.words = None  # type: ignore[assignment]
+        self.header = self.words = None  # type: ignore[assignment]  # closed: the mapping goes
         try:
             self.mm.close()
         except BufferError:  # a copy in progress still holds a view: the mapping goes with it
@@ -219,6 +219,8 @@ class _Handshake:
 
 class ShmTransport(TcpTransport):
     """An ``shm`` endpoint. Extra public API: :meth:`shared_memory_peers`, ``broken`` (from tcp)."""
+
+    config: ShmConfig
 
     def __init__(self, config: ShmConfig | None = None):
         config = config or ShmConfig()
@@ -270,6 +272,7 @@ class ShmTransport(TcpTransport):
         _, echo, name, token, size = reply
         if len(size) != SIZE.size or not hmac.compare_digest(hs.ring.echo(), echo):
             return "the listener's write did not show in this side's memory (not the same host)"
+        assert self.shm_directory is not None  # _connected made a ring in it
         try:
             rx = Ring.open(self.shm_directory, name.decode(errors="replace"), SIZE.unpack(size)[0], token)
         except Refused as exc:

@@ -50,6 +50,7 @@ from pydantic import Field
 from kvframe import hookimpl
 from kvframe.config import TransportConfig
 from kvframe.errors import TransportError
+from kvframe.protocols import Frame, Frames
 from kvframe_transports.addresses import byte_view, format_address, parse_address
 
 log = logging.getLogger("kvframe_transports")
@@ -142,6 +143,10 @@ class LogLimit:
 class Connection:
     """One socket with its receive state; its sends are serialized by ``send_lock``."""
 
+    # set by transport 'shm' on an accepted connection only (read with getattr and a default)
+    hello_seen: bool
+    pending_tx: Any  # kvframe_transports.shm.Ring | None, its ring until the peer confirms
+
     def __init__(self, transport: TcpTransport, sock: socket.socket, peer: Peer):
         self.transport = transport
         self.sock = sock
@@ -216,7 +221,7 @@ class Connection:
         if any(flags) and (self.kind != DATA or self.rx_ring is None):
             raise ProtocolError("a shared-memory frame on a connection without shared memory")
         self.body = np.empty(total, dtype=np.uint8)
-        body = memoryview(self.body)
+        body = self.body.data  # memoryview(self.body), which numpy types as a buffer only on Python 3.12+
         self.frames: list[memoryview] = []
         off = 0
         for n in lengths:
@@ -370,13 +375,13 @@ class TcpTransport:
         self._connected(conn, deadline)
         return conn.peer
 
-    def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
+    def send(self, peer: Hashable, frames: Sequence[Frame]) -> None:
         views = [byte_view(f, i) for i, f in enumerate(frames)]
         if not views:
             raise ValueError("a message needs at least one frame")
         self._send(self._conn(peer), DATA, views)
 
-    def recv(self, timeout: float | None) -> tuple[Peer, list[memoryview]] | None:
+    def recv(self, timeout: float | None) -> tuple[Peer, Frames] | None:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         with self._qcond:
             while not self._items:
@@ -402,7 +407,7 @@ class TcpTransport:
         """Drop ``peer`` (one that failed authentication) now: nothing more is read from it, its
         connection is closed and its memory released, its messages still waiting for ``recv`` are
         discarded, and sends to it raise TransportError. Idempotent."""
-        conn = self._conns.get(peer)  # type: ignore[call-overload]
+        conn = self._conns.get(peer)  # type: ignore[call-overload]  # any handle: a stranger gives None
         if conn is not None:
             conn.disconnected = True  # before it is marked broken: _deliver checks in that order
             self._fail(conn, "disconnected by this endpoint")
@@ -479,7 +484,7 @@ class TcpTransport:
 
     # sending -----------------------------------------------------------------------------------
     def _conn(self, peer: Hashable) -> Connection:
-        conn = self._conns.get(peer)  # type: ignore[call-overload]
+        conn = self._conns.get(peer)  # type: ignore[call-overload]  # any handle: a stranger gives None
         if conn is None or conn.broken is not None:
             reason = self.broken(peer) if conn is None else conn.broken
             if self._closed:
@@ -762,7 +767,7 @@ class TcpTransport:
                     if obj.registered:  # not let go of earlier in this round
                         self._pump(obj)
                 else:
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                    self._accept(key.fileobj)  # type: ignore[arg-type]  # registered as a listening socket
             full = self._full
             if full != self._rx_paused:  # the queue filled up, or recv() made room: (un)pause them all
                 self._rx_paused = full

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import zmq
 from pydantic import Field
@@ -35,6 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 from kvframe import hookimpl
 from kvframe.config import TransportConfig
 from kvframe.errors import TransportError
+from kvframe.protocols import Frame, Frames
 from kvframe_transports.addresses import byte_view, format_address, parse_address
 
 log = logging.getLogger("kvframe_transports")
@@ -92,6 +93,11 @@ class RouterPeer:
 
     def __repr__(self) -> str:
         return f"RouterPeer({self.address!r}, identity={self.identity.hex()}, inbound)"
+
+
+def _events(sock: zmq.Socket) -> int:
+    """``sock``'s zmq.EVENTS bits (an int option, which pyzmq types as int | bytes)."""
+    return cast(int, sock.getsockopt(zmq.EVENTS))
 
 
 class _Dealer:
@@ -173,7 +179,7 @@ class ZmqTransport:
             self._poller.register(monitor, zmq.POLLIN)
             return peer
 
-    def send(self, peer: Hashable, frames: Sequence[Any]) -> None:
+    def send(self, peer: Hashable, frames: Sequence[Frame]) -> None:
         views = [byte_view(f, i) for i, f in enumerate(frames)]
         if not views:
             raise ValueError("a message needs at least one frame")
@@ -197,7 +203,7 @@ class ZmqTransport:
             trackers = self._put(peer, d, sock, head, views)
             self._wait_released(peer, d, trackers)
 
-    def recv(self, timeout: float | None) -> tuple[Hashable, list[memoryview]] | None:
+    def recv(self, timeout: float | None) -> tuple[Hashable, Frames] | None:
         with self._lock:
             deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
             while not self._closed:
@@ -264,7 +270,7 @@ class ZmqTransport:
         return sock
 
     def _drain_monitor(self, d: _Dealer) -> None:
-        while d.sock is not None and d.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while d.sock is not None and _events(d.monitor) & zmq.POLLIN:
             event = recv_monitor_message(d.monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 d.connected = True
@@ -292,7 +298,7 @@ class ZmqTransport:
         d.sock.disable_monitor()
         d.monitor.close(0)
         d.sock.close(0)
-        d.sock = d.monitor = None  # type: ignore[assignment]
+        d.sock = d.monitor = None  # type: ignore[assignment]  # closed: only "is None" looks at them now
         del self._dealers[d.peer]
 
     # sending -----------------------------------------------------------------------------------
@@ -309,13 +315,13 @@ class ZmqTransport:
         if d.broken is not None:
             raise TransportError(f"cannot send to {d.peer}: {d.broken}")
 
-    def _wait(self, sockets: dict, seconds: float) -> None:
+    def _wait(self, sockets: dict[zmq.Socket, int], seconds: float) -> None:
         """Poll ``sockets`` (and close's wake-up) for at most ``seconds``; raise once closed."""
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         for s, flags in sockets.items():
             poller.register(s, flags)
-        poller.poll(seconds * 1000)
+        poller.poll(int(seconds * 1000))  # what pyzmq does with a float
         if self._closed:
             raise TransportError("this endpoint is closed")
 
@@ -389,9 +395,9 @@ class ZmqTransport:
         raise TransportError(f"cannot send to {peer}: {reason}")
 
     # receiving ---------------------------------------------------------------------------------
-    def _take(self, ready: list) -> tuple[Hashable, list[memoryview]] | None:
+    def _take(self, ready: list[Any]) -> tuple[Hashable, Frames] | None:
         """One message from the sockets poll found ready, or None (nothing, or only dropped ones)."""
-        data = []
+        data: list[zmq.Socket] = []
         for s in ready:
             if s == self._wake_r:
                 try:
@@ -399,15 +405,17 @@ class ZmqTransport:
                 except OSError:
                     pass
                 continue
-            kind, obj = self._sources.get(s, (None, None))
-            if kind == "monitor":
-                self._drain_monitor(obj)
-            elif kind is not None:
+            source = self._sources.get(s)
+            if source is None:
+                continue
+            if source[0] == "monitor":
+                self._drain_monitor(source[1])
+            else:
                 data.append(s)
         # a broken DEALER is closed once it has nothing left that came before the break (asked now:
         # the poll may have looked at it just before the last of that came)
         for d in [d for d in self._dealers.values() if d.broken is not None and d.sock not in data]:
-            if d.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if _events(d.sock) & zmq.POLLIN:
                 data.append(d.sock)
             else:
                 self._close_dealer(d)
@@ -426,17 +434,17 @@ class ZmqTransport:
                 return got
         return None
 
-    def _too_big(self, parts: list) -> str | None:
+    def _too_big(self, parts: list[zmq.Frame]) -> str | None:
         total = sum(len(p) for p in parts)
         limit = self.config.max_message_bytes
         return f"a message of {total} bytes is over the limit of {limit} bytes" if total > limit else None
 
-    def _from_router(self, listener: int, parts: list) -> tuple[Hashable, list[memoryview]] | None:
+    def _from_router(self, listener: int, parts: list[zmq.Frame]) -> tuple[Hashable, Frames] | None:
         ident, frames = parts[0].bytes, parts[1:]
         peer = self._router_peers.get((listener, ident))
         if peer is None:
             try:
-                address = parts[-1].get("Peer-Address")
+                address = cast(str, parts[-1].get("Peer-Address"))
             except zmq.ZMQError:
                 address = "?"
             peer = self._router_peers[(listener, ident)] = RouterPeer(listener, ident, address)
@@ -449,7 +457,7 @@ class ZmqTransport:
             return None
         return peer, [f.buffer for f in frames]
 
-    def _from_dealer(self, d: _Dealer, parts: list) -> tuple[Hashable, list[memoryview]] | None:
+    def _from_dealer(self, d: _Dealer, parts: list[zmq.Frame]) -> tuple[Hashable, Frames] | None:
         problem = self._too_big(parts)
         if problem is not None:
             log.warning("dropping the connection with %s: %s", d.peer, problem)

@@ -23,6 +23,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Mapping
 
 __all__ = ["is_loopback", "interface_address", "interface_addresses", "route_address", "advertise_host",
            "interface_from_env", "interface_of", "link_state", "describe_link"]
@@ -68,7 +69,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return False
-    return bool(infos) and all(_ip_loopback(info[4][0]) for info in infos)
+    return bool(infos) and all(_ip_loopback(str(info[4][0])) for info in infos)
 
 
 def _ifreq(name: str) -> bytes:
@@ -160,7 +161,7 @@ def route_address(host: str, port: int) -> str:
                   f"no route from this host to {host}:{port}: {getattr(last, 'strerror', last)}")
 
 
-def interface_from_env(environ: dict | None = None) -> str | None:
+def interface_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     """The interface to advertise named by the environment: ``KVFRAME_INTERFACE``, else MXNet's
     ``DMLC_INTERFACE``; None when neither is set (or empty)."""
     environ = os.environ if environ is None else environ
@@ -227,6 +228,7 @@ def _sys_state(name: str) -> tuple[str | None, str | None]:
             oper = f.read().strip()
     except (OSError, ValueError):
         return None, None
+    carrier: str | None
     try:
         with open(f"{base}/carrier") as f:
             carrier = f.read().strip()

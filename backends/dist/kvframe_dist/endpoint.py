@@ -16,8 +16,8 @@ from collections.abc import Hashable
 from typing import Any
 
 from kvframe import plugins
-from kvframe.plugins import validate_plugin_config
 from kvframe.errors import KVTimeoutError, TransportError
+from kvframe.plugins import validate_plugin_config
 from kvframe.protocols import Transport
 from kvframe_dist.session import Session, hello_key, new_nonce
 from kvframe_dist.wire import BadMessage, Message, decode, encode
@@ -70,6 +70,7 @@ class Endpoint:
     def connect(self, address: str) -> Hashable:
         """Connect and run the handshake; raises :class:`Refused` with the peer's reason, or
         KVTimeoutError when no answer comes within the transport's connect timeout."""
+        log.debug("%s: connecting to %s", self.owner, address)
         peer = self.transport.connect(address)
         self.names[peer] = address
         nonce = new_nonce()
@@ -92,6 +93,7 @@ class Endpoint:
             if why and peer not in self._sessions:
                 self._waiting.pop(peer, None)
                 raise TransportError(f"{self.owner}: the connection to {address} broke during the handshake: {why}")
+        log.debug("%s: connected to %s (authenticated session)", self.owner, address)
         return peer
 
     def send(self, peer: Hashable, msg: Message) -> None:
@@ -165,6 +167,7 @@ class Endpoint:
             return
         self._sessions[peer] = Session.derive(self.secret, msg["nonce"], nonce, client=False)
         self.names.setdefault(peer, f"{msg['role']} ({peer})")
+        log.debug("%s: accepted a connection from %s", self.owner, self.name(peer))
 
     def _answered(self, peer: Hashable, frames: list) -> None:
         """The answer to our hello: an ack echoing our nonce, or a refusal."""

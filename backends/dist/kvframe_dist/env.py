@@ -22,6 +22,8 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 | KVFRAME_HEARTBEAT_TIMEOUT | | seconds of silence before a node counts as stopped (default 15) |
 | KVFRAME_CONNECT_TIMEOUT | | seconds to wait for every node to register (default 300) |
 | KVFRAME_BIGARRAY_BOUND | MXNET_KVSTORE_BIGARRAY_BOUND | arrays this large are split over all servers |
+| KVFRAME_LOG_LEVEL | | DEBUG, INFO (the default of servers and the scheduler), WARNING or ERROR (kvframe.log) |
+| KVFRAME_TIMELINE | | FILE: every worker and server writes its Chrome-trace timeline (kvframe.timeline) |
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
+from kvframe.log import LogLevelError, configure
 from kvframe_dist.address import is_loopback
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_TRANSPORT = "shm"  # tcp plus shared memory where a peer proves it shares the host
 
 
+@overload
+def _get(names: tuple[str, ...], default: str) -> str: ...
+@overload
+def _get(names: tuple[str, ...], default: None = None) -> str | None: ...
 def _get(names: tuple[str, ...], default: str | None = None) -> str | None:
     for n in names:
         v = os.environ.get(n)
@@ -46,6 +54,10 @@ def _get(names: tuple[str, ...], default: str | None = None) -> str | None:
     return default
 
 
+@overload
+def _int(names: tuple[str, ...], default: int) -> int: ...
+@overload
+def _int(names: tuple[str, ...], default: None) -> int | None: ...
 def _int(names: tuple[str, ...], default: int | None) -> int | None:
     v = _get(names)
     if v is None:
@@ -123,10 +135,10 @@ def node_env(role: str | None = None) -> NodeEnv:
     port = _int(("KVFRAME_ROOT_PORT", "DMLC_PS_ROOT_PORT"), None)
     ns = _int(("KVFRAME_NUM_SERVERS", "DMLC_NUM_SERVER"), None)
     nw = _int(("KVFRAME_NUM_WORKERS", "DMLC_NUM_WORKER"), None)
-    missing = [n for n, v in (("DMLC_PS_ROOT_PORT (or KVFRAME_ROOT_PORT)", port),
-                              ("DMLC_NUM_SERVER (or KVFRAME_NUM_SERVERS)", ns),
-                              ("DMLC_NUM_WORKER (or KVFRAME_NUM_WORKERS)", nw)) if v is None]
-    if missing:
+    if port is None or ns is None or nw is None:
+        missing = [n for n, v in (("DMLC_PS_ROOT_PORT (or KVFRAME_ROOT_PORT)", port),
+                                  ("DMLC_NUM_SERVER (or KVFRAME_NUM_SERVERS)", ns),
+                                  ("DMLC_NUM_WORKER (or KVFRAME_NUM_WORKERS)", nw)) if v is None]
         raise ValueError(f"a distributed {role} needs these environment variables: {', '.join(missing)}; start the job "
                          "with kvframe-launch, or set them as for MXNet's launch.py")
     if ns < 1 or nw < 1:
@@ -155,9 +167,14 @@ def node_env(role: str | None = None) -> NodeEnv:
 
 
 def run_role(role: str, start: Callable[[NodeEnv], int]) -> int:
-    """The entry point of a scheduler or server process: logging, the role's variables, then ``start``.
-    Missing or malformed variables exit with code 2 and a message naming them."""
-    logging.basicConfig(level=logging.INFO, format=f"kvframe {role}: %(message)s", stream=sys.stderr)
+    """The entry point of a scheduler or server process: logging (``KVFRAME_LOG_LEVEL``, default
+    INFO), the role's variables, then ``start``. Missing or malformed variables exit with code 2
+    and a message naming them."""
+    try:
+        configure(role, default=logging.INFO)
+    except LogLevelError as exc:
+        print(f"kvframe {role}: {exc}", file=sys.stderr)
+        return 2
     try:
         env = node_env(role)
     except ValueError as exc:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import re
 import secrets
@@ -71,8 +72,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+log = logging.getLogger("kvframe_dist.launch")
 
 @dataclass
 class Proc:
@@ -103,7 +106,7 @@ def version() -> str:
         return kvframe.__version__
 
 
-def job_secret(environ: dict[str, str] | None = None) -> str:
+def job_secret(environ: Mapping[str, str] | None = None) -> str:
     """The job's secret: the launcher's KVFRAME_SECRET, else a fresh one (a new one per job)."""
     environ = os.environ if environ is None else environ
     return environ.get("KVFRAME_SECRET") or secrets.token_hex(32)
@@ -229,7 +232,8 @@ class Guard:
             return
         self.tell("done")
         try:
-            self.popen.stdin.close()
+            if self.popen.stdin is not None:
+                self.popen.stdin.close()
         except OSError:
             pass
         try:
@@ -284,7 +288,7 @@ def _launcher_alive(pid: int, start: int) -> bool:
 def remove_stale_job_dirs(base: str = SHM_BASE) -> list[str]:
     """Remove job directories (JOB_DIR names) of this user whose launcher no longer runs; only real
     directories with mode 0700 owned by this user are trusted, anything else is left alone."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:
@@ -462,7 +466,7 @@ _PASS_NAMES = ("OMP_NUM_THREADS",)
 _NOT_PASSED = ("KVFRAME_NODE_HOST", "DMLC_NODE_HOST", "KVFRAME_SHM_DIR", "KVFRAME_IPC", "DMLC_LOCAL", "KVFRAME_SSH")
 
 
-def passed_names(environ: dict[str, str] | None = None, secret: bool = False) -> list[str]:
+def passed_names(environ: Mapping[str, str] | None = None, secret: bool = False) -> list[str]:
     environ = os.environ if environ is None else environ
     return sorted(k for k in environ if (k.startswith(_PASS_PREFIXES) or k in _PASS_NAMES)
                   and k not in _NOT_PASSED and (secret or k != "KVFRAME_SECRET"))
@@ -644,21 +648,23 @@ class Launcher:
                 if not proc.watch_stdin:
                     env["KVFRAME_SECRET"] = self.secret
             try:
-                proc.popen = subprocess.Popen(proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.PIPE if proc.watch_stdin else subprocess.DEVNULL,
-                                              start_new_session=True, preexec_fn=die_with_launcher(proc.deathsig))
+                popen = proc.popen = subprocess.Popen(
+                    proc.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE if proc.watch_stdin else subprocess.DEVNULL,
+                    start_new_session=True, preexec_fn=die_with_launcher(proc.deathsig))
             except OSError as exc:
                 self._say(f"cannot start {proc.name} ({shlex.join(proc.argv)}): {exc}; stopping the others")
                 self.procs = [p for p in self.procs if p.popen is not None]
                 self.stop_all()
                 self.close()
                 raise SystemExit(127) from None
+            log.debug("started %s (pid %d): %s", proc.name, popen.pid, shlex.join(proc.argv))
             if self.guard is not None:
-                self.guard.tell(f"pg {proc.popen.pid}")
-            if proc.watch_stdin:
+                self.guard.tell(f"pg {popen.pid}")
+            if proc.watch_stdin and popen.stdin is not None:
                 try:  # ssh: the remote shell reads the first line into KVFRAME_SECRET
-                    proc.popen.stdin.write(f"{self.secret or ''}\n".encode())
-                    proc.popen.stdin.flush()
+                    popen.stdin.write(f"{self.secret or ''}\n".encode())
+                    popen.stdin.flush()
                 except OSError:
                     pass  # ssh already failed: its status says why
             t = threading.Thread(target=self._forward, args=(proc,), daemon=True)
@@ -702,9 +708,10 @@ class Launcher:
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            p.wait(5)
+            rc = p.wait(5)
         except subprocess.TimeoutExpired:  # cannot be killed (uninterruptible sleep): leave it to the guard
             return
+        log.debug("%s (pid %d) ended with status %d", proc.name, p.pid, self.code(rc))
         if self.guard is not None:
             self.guard.tell(f"gone {p.pid}")  # reaped: its id may be reused, never signal it again
 
@@ -721,10 +728,15 @@ class Launcher:
         whatever is left of every group."""
         live = [proc for proc in self.procs if self._poll(proc) is None]
         for proc in live:
-            proc.stopped = is_stopped(proc.popen.pid)
+            if proc.popen is None:  # not started: _poll() said 0, so it is not here
+                continue
+            pid = proc.popen.pid
+            proc.stopped = is_stopped(pid)
+            log.debug("stopping %s (pid %d) with %s", proc.name, pid, "SIGKILL" if proc.stopped else
+                      signal.Signals(sig).name)
             for s in ((signal.SIGKILL,) if proc.stopped else (sig, signal.SIGCONT)):
                 try:
-                    os.killpg(proc.popen.pid, s)
+                    os.killpg(pid, s)
                 except (ProcessLookupError, PermissionError):
                     pass
         deadline = time.monotonic() + 3
@@ -785,7 +797,7 @@ class Launcher:
         self._join_output()
         if first is None:
             for p in self.procs:  # a process stopped by us after all workers succeeded does not count
-                rc = p.popen.returncode
+                rc = p.popen.returncode if p.popen is not None else None
                 if rc not in (None, 0) and p.name.startswith("worker"):
                     first = (p.name, self.code(rc))
                     break
@@ -818,6 +830,13 @@ class Launcher:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvframe.log import LogLevelError, configure
+
+    try:  # a bad KVFRAME_LOG_LEVEL stops the job before anything starts
+        configure("launch")
+    except LogLevelError as exc:
+        print(f"kvframe-launch: {exc}", file=sys.stderr)
+        return 2
     args = parse_args(argv)
     procs = build(args)
     given = dict(kv.split("=", 1) for kv in args.env).get("KVFRAME_SHM_DIR") or os.environ.get("KVFRAME_SHM_DIR")
@@ -848,7 +867,12 @@ def main(argv: list[str] | None = None) -> int:
             for p in procs:
                 p.env["KVFRAME_SHM_DIR"] = shm
         launcher.start()
-        return launcher.wait()
+        rc = launcher.wait()
+        trace = dict(kv.split("=", 1) for kv in args.env).get("KVFRAME_TIMELINE") or os.environ.get("KVFRAME_TIMELINE")
+        if trace and args.launcher == "local":
+            launcher._say(f"timelines of KVFRAME_TIMELINE={trace} written; merge them for Perfetto with: kvframe "
+                          f"timeline {shlex.quote(trace)}")
+        return rc
     finally:
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)

@@ -29,6 +29,8 @@ def register(ep: Endpoint, sched: Hashable, env: NodeEnv, role: str, addr: str =
     fields: dict = {"role": role, "addr": addr, "host": f"{socket.gethostname()} pid {os.getpid()}"}
     if env.rank is not None:
         fields["rank"] = env.rank
+    log.debug("%s: registering at the scheduler %s%s", role, env.scheduler_addr,
+              f" as rank {env.rank}" if env.rank is not None else "")
     ep.send(sched, Message("register", fields))
     deadline = time.monotonic() + env.connect_timeout
     while True:
@@ -48,6 +50,8 @@ def register(ep: Endpoint, sched: Hashable, env: NodeEnv, role: str, addr: str =
             continue
         msg = got[1]
         if msg.op == "welcome":
+            log.debug("%s: welcomed as rank %s (%s workers, %s servers)", role, msg.get("rank"),
+                      msg.get("num_workers"), msg.get("num_servers"))
             return msg
         if msg.op == "error":
             raise RemoteError(f"{role}: the scheduler at {env.scheduler_addr} refused to start: {msg['msg']}")
@@ -104,6 +108,7 @@ class Heartbeat(threading.Thread):
         env = self.env
         last_ack = time.monotonic()
         next_beat = 0.0
+        log.debug("%s %d: heartbeats every %g s", self.role, self.rank, env.heartbeat_interval)
         try:
             while not self._stop_ev.is_set():
                 now = time.monotonic()

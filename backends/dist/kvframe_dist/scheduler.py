@@ -99,6 +99,9 @@ class Scheduler:
                 self._send(ident, "error", msg=problem)
                 return
         self.nodes[ident] = Node(role, ident, msg.get("rank"), addr=addr, host=msg["host"])
+        log.debug("registered a %s (%s%s); %d of %d workers and %d of %d servers so far", role, msg["host"],
+                  f", at {addr}" if addr else "", len(self._workers()), self.env.num_workers, len(self._servers()),
+                  self.env.num_servers)
         if len(self._workers()) == self.env.num_workers and len(self._servers()) == self.env.num_servers:
             self._start()
 
@@ -138,6 +141,7 @@ class Scheduler:
                 return
             node.hb_ident = ident
             self.by_hb[ident] = node
+            log.debug("heartbeats of %s come on their own connection", node.name())
             for w in self._workers():  # workers that closed before this heartbeat endpoint introduced itself
                 if w.closed and node.role == "worker":
                     self._send(ident, "closed", rank=w.rank, name=w.name())
@@ -154,10 +158,13 @@ class Scheduler:
             self._send(ident, "error", id=msg["id"], msg=self._gone_msg(gone))
             return
         self.barrier_waiting.append((ident, msg["id"]))
+        log.debug("barrier: %s waits (%d of %d workers)", node.name(), len(self.barrier_waiting),
+                  self.env.num_workers)
         if len(self.barrier_waiting) == self.env.num_workers:
             for who, rid in self.barrier_waiting:
                 self._send(who, "barrier_done", id=rid)
             self.barrier_waiting = []
+            log.debug("barrier: every worker came; released")
 
     @staticmethod
     def _gone_msg(gone: list[Node]) -> str:
@@ -171,6 +178,7 @@ class Scheduler:
             return
         node.closed = True
         if node.role == "server":
+            log.debug("server %d said goodbye", node.rank)
             return
         self._send(ident, "bye", id=msg["id"])
         log.info("worker %d closed", node.rank)
@@ -183,6 +191,7 @@ class Scheduler:
                 self._send(who, "error", id=rid, msg=text)
             self.barrier_waiting = []
         if all(w.closed for w in self._workers()):
+            log.debug("every worker closed; stopping the %d servers", len(self._servers()))
             for s in self._servers():
                 self._send(s.ident, "stop")
             self.stopping_since = time.monotonic()
@@ -238,6 +247,7 @@ class Scheduler:
                         break
                 self._check_liveness()
         finally:
+            log.debug("scheduler: shutting down (exit status %s)", self.exit_code)
             time.sleep(0.2)  # let the last notices leave
             self.ep.close()
         return self.exit_code or 0

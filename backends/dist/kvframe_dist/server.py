@@ -21,12 +21,12 @@ from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
-from kvframe.reduce import Reducer
 
-from kvframe import plugins
+from kvframe import plugins, timeline
 from kvframe.arrays import RowSparseArray
-from kvframe.plugins import validate_plugin_config
 from kvframe.errors import KVFrameError
+from kvframe.plugins import validate_plugin_config
+from kvframe.reduce import Reducer
 from kvframe_dist.address import advertise_host
 from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, run_role
@@ -160,6 +160,7 @@ class Server:
                 raise RequestError(f"duplicate {what}")
             new[(k, p)] = Slot(name if name is not None else k, arr.reshape(shape).copy())
         self.slots.update(new)
+        log.debug("server %d: init of %d key shards from %s", self.rank, n, self.ep.name(peer))
         self._ok(peer, msg)
 
     def _push(self, peer: Hashable, msg: Message) -> list[Slot]:
@@ -174,6 +175,7 @@ class Server:
         items = msg.items()
         if len({(k, p) for k, p, _ in items}) != len(items):
             raise RequestError(f"{msg.op}: a key shard is named more than once")
+        t0 = timeline.now() if timeline.enabled else 0.0
         for key, part, enc in items:
             slot = self._slot(key, part)
             value, used = self._decode_push(slot, enc, frames, pos, f"push of key {slot.key!r} part {part}")
@@ -182,6 +184,8 @@ class Server:
         if pos != len(frames):
             raise RequestError(f"push: {len(frames)} data frames for {len(decoded)} items")
         self.stats["pushes"] += 1
+        if timeline.enabled or log.isEnabledFor(logging.DEBUG):
+            self._note_push(peer, msg, decoded, t0)
         for slot, value in decoded:
             self.rounds.push(slot, peer, value, sync)
         return [slot for slot, _ in decoded]
@@ -209,8 +213,37 @@ class Server:
                 self.compressor.decode(v[1], merge, accumulate=True)
         return merge
 
+    def _note_push(self, peer: Hashable, msg: Message, decoded: list, t0: float) -> None:
+        """KVFRAME_TIMELINE / DEBUG: a push received (decoded and checked); the rounds it opens start now."""
+        nbytes = sum(memoryview(f).nbytes for f in msg.frames)
+        if timeline.enabled:
+            timeline.complete("receive", t0, nbytes=nbytes, op=msg.op, items=len(decoded), worker=self.ep.name(peer),
+                              keys=[s.key for s, _ in decoded][:16])
+            now = timeline.now()
+            for slot, _ in decoded:
+                if not slot.pending:
+                    slot.scratch["round_t0"] = now
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("server %d: %s of %d key shards (%d bytes) from %s", self.rank, msg.op, len(decoded), nbytes,
+                      self.ep.name(peer))
+
     def _apply(self, slot: Slot) -> None:
-        """A round is complete: run the optimizer on the sum, or store the sum."""
+        """A round is complete: update (or store the sum); KVFRAME_TIMELINE: one ``round`` span
+        (first push received to updated) around its reduce and update phases."""
+        if not timeline.enabled and not log.isEnabledFor(logging.DEBUG):
+            self._update(slot)
+            return
+        t0 = slot.scratch.pop("round_t0", None)
+        pushes = len(slot.pending)
+        try:
+            self._update(slot)
+        finally:
+            timeline.complete("round", t0, key=slot.key, nbytes=slot.data.nbytes, cat="round", pushes=pushes)
+            log.debug("server %d: round of key %r complete: %d pushes, %d bytes", self.rank, slot.key, pushes,
+                      slot.data.nbytes)
+
+    def _update(self, slot: Slot) -> None:
+        """Run the optimizer on the sum of the round's pushes, or store the sum."""
         values = slot.pending
         # kvframe-torch (allreduce, worker-side optimizers): sum-only keys ('__sum__/...', the rule of
         # kvframe.sumkeys) are summed and stored, never given to the optimizer
@@ -218,14 +251,18 @@ class Server:
         updater = None if is_sum_key(slot.key) else self.updater
         if updater is None and len(values) == 2 and type(values[0]) is np.ndarray \
                 and type(values[1]) is np.ndarray and values[0].size < self.reducer.bigarray_bound:
-            np.add(values[0], values[1], out=slot.data.reshape(-1))  # the common small case, without the pool
+            with timeline.span("reduce", key=slot.key, nbytes=slot.data.nbytes):
+                np.add(values[0], values[1], out=slot.data.reshape(-1))  # the common small case, without the pool
             return
         if updater is None and all(not isinstance(v, (tuple, RowSparseArray)) for v in values):
-            self.reducer.sum_into(slot.data.reshape(-1), values)
+            with timeline.span("reduce", key=slot.key, nbytes=slot.data.nbytes):
+                self.reducer.sum_into(slot.data.reshape(-1), values)
             return
-        merged = self._merged(slot)
+        with timeline.span("reduce", key=slot.key, nbytes=slot.data.nbytes):
+            merged = self._merged(slot)
         if updater is not None:
-            updater(slot.key, merged, slot.data)
+            with timeline.span("update", key=slot.key, nbytes=slot.data.nbytes):
+                updater(slot.key, merged, slot.data)
         elif isinstance(merged, RowSparseArray):
             slot.data[...] = 0
             slot.data[merged.indices] = merged.data
@@ -257,6 +294,14 @@ class Server:
         return "raw", mirrors[peer]
 
     def _send_values(self, peer: Hashable, rid: int, slots: list[Slot], cpull: bool) -> None:
+        if timeline.enabled:  # KVFRAME_TIMELINE: the reply phase
+            with timeline.span("reply", nbytes=sum(s.data.nbytes for s in slots), items=len(slots),
+                               worker=self.ep.name(peer), keys=[s.key for s in slots][:16]):
+                self._send_values_now(peer, rid, slots, cpull)
+        else:
+            self._send_values_now(peer, rid, slots, cpull)
+
+    def _send_values_now(self, peer: Hashable, rid: int, slots: list[Slot], cpull: bool) -> None:
         if cpull:
             encs, frames = zip(*(self._compressed_value(peer, s) for s in slots)) if slots else ((), ())
             self._reply(peer, Message("data", {"id": rid, "encs": list(encs)}, frames))
@@ -294,8 +339,9 @@ class Server:
             picks.append((slot, rows))
 
         def respond() -> None:  # after this worker's open rounds, like a dense pull
-            self._reply(peer, Message("data", {"id": msg["id"]},
-                                      [np.ascontiguousarray(s.data[r]).reshape(-1) for s, r in picks]))
+            with timeline.span("reply", op="rsp_pull", items=len(picks), worker=self.ep.name(peer)):
+                self._reply(peer, Message("data", {"id": msg["id"]},
+                                          [np.ascontiguousarray(s.data[r]).reshape(-1) for s, r in picks]))
         self.rounds.after_round(peer, [s for s, _ in picks], respond)
 
     def _build(self, kind: str, text: str, what: str) -> Any:
@@ -380,7 +426,9 @@ class Server:
         welcome = register(self.ep, self.sched, self.env, "server", self.addr, early)
         self.rank = welcome["rank"]
         self.rounds.num_workers = welcome["num_workers"]
+        timeline.name_process("server", self.rank)
         log.info("server %d serving at %s (transport %s)", self.rank, self.addr, self.env.transport)
+        log.debug("server %d: registered; %d workers", self.rank, self.rounds.num_workers)
         env = self.env
         next_beat = 0.0
         last_sched = time.monotonic()
@@ -407,13 +455,20 @@ class Server:
                         self._from_scheduler(msg)
                     else:
                         work.append((peer, msg))
-                for peer, msg in by_priority(work):
-                    self.handle(peer, msg)
+                if timeline.enabled and work:  # KVFRAME_TIMELINE: each request's wait behind the burst read with it
+                    read_at = timeline.now()
+                    for peer, msg in by_priority(work):
+                        timeline.complete("queue", read_at, op=msg.op, worker=self.ep.name(peer), burst=len(work))
+                        self.handle(peer, msg)
+                else:
+                    for peer, msg in by_priority(work):
+                        self.handle(peer, msg)
                 silent = time.monotonic() - last_sched
                 if silent > env.heartbeat_timeout and self.exit_code is None:
                     log.error("server %d: %s", self.rank, silent_scheduler(env, "server", self.rank, silent, self.mine))
                     self.exit_code = 1
         finally:
+            log.debug("server %d: shutting down (exit status %s)", self.rank, self.exit_code)
             try:
                 if self.exit_code == 0:
                     self.ep.try_send(self.sched, Message("bye", {"id": 0, "role": "server", "rank": self.rank}))
@@ -421,6 +476,7 @@ class Server:
             finally:
                 self.ep.close()
                 self.reducer.close()
+                timeline.flush()
         return self.exit_code
 
     def _from_scheduler(self, msg: Message) -> None:

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kvframe.reduce import Reducer, sum_row_sparse
 
+from kvframe import timeline
 from kvframe.arrays import RowSparseArray, array_module
-from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
 from kvframe.backend import DEFAULT_TIMEOUT, Handle, StoreBackend
+from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
+from kvframe.log import configure as configure_logging
+from kvframe.reduce import Reducer, sum_row_sparse
 from kvframe_dist.configs import DistConfig
 from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, node_env, role_from_env
@@ -51,6 +53,10 @@ def _keys_text(keys: list) -> str:
     return f"[{keys[0]!r}, {keys[1]!r}, ..., {keys[-1]!r}] ({len(keys)} keys)"
 
 
+def _frames_bytes(frames: Any) -> int:
+    return sum(int(getattr(f, "nbytes", None) or len(f)) for f in frames)
+
+
 def _as_host(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.get()
 
@@ -63,7 +69,8 @@ class DistHandle(Handle):
     def wait(self, timeout: float | None = None) -> None:
         if self._finished:
             return
-        self._store._wait(self._reqs, self._what, timeout)
+        with timeline.span("wait", what=self._what, requests=len(self._reqs)):  # replies of every server
+            self._store._wait(self._reqs, self._what, timeout)
         self._finished = True
         if self._finish is not None:
             self._finish()
@@ -97,6 +104,7 @@ class DistStore(StoreBackend):
         if env is None:
             _run_role_if_not_worker()
             env = node_env("worker")
+        configure_logging("worker")  # KVFRAME_LOG_LEVEL
         if config.transport is not None:
             env.transport = config.transport
         self.env = env
@@ -115,6 +123,7 @@ class DistStore(StoreBackend):
         self.ep = Endpoint(role_transport(env), env.secret, "worker", env.mac_data)
         self.requests = Requests("worker")
         try:
+            log.debug("worker: connecting to the scheduler at %s (transport %s)", env.scheduler_addr, env.transport)
             self.sched = self.ep.connect_to(env.root_uri, env.root_port)
             welcome = register(self.ep, self.sched, env, "worker")
             self._rank = welcome["rank"]
@@ -122,7 +131,11 @@ class DistStore(StoreBackend):
             self.server_addrs: list[str] = list(welcome["servers"])
             self.scheduler_pid = welcome["pid"]
             self.ep.owner = self.requests.owner = f"worker {self._rank}"
+            timeline.name_process("worker", self._rank)
+            log.debug("worker %d: registered (%d workers); servers at %s", self._rank, self._num_workers,
+                      self.server_addrs)
             self.servers: list[Hashable] = [self.ep.connect(a) for a in self.server_addrs]
+            log.debug("worker %d: connected to %d servers", self._rank, len(self.servers))
             self._server_of = {peer: i for i, peer in enumerate(self.servers)}
             self._hb = Heartbeat(env, "worker", self._rank, on_failure=self.ep.close)
         except BaseException:
@@ -130,7 +143,13 @@ class DistStore(StoreBackend):
             raise
         self._hb.start()
         ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().close())
+
+        def close_at_exit() -> None:  # holds the store weakly
+            store = ref()
+            if store is not None:
+                store.close()
+
+        atexit.register(close_at_exit)
 
     # identity -------------------------------------------------------------------------------
     @property
@@ -182,6 +201,14 @@ class DistStore(StoreBackend):
         raise RemoteError(f"worker {self._rank}: {self._failure}")
 
     def _send(self, server: int, msg: Message) -> None:
+        if timeline.enabled:  # KVFRAME_TIMELINE: the send phase, with the bytes sent
+            with timeline.span("send", nbytes=_frames_bytes(msg.frames), server=server, op=msg.op,
+                               items=len(msg.get("keys") or ())):
+                self._send_now(server, msg)
+        else:
+            self._send_now(server, msg)
+
+    def _send_now(self, server: int, msg: Message) -> None:
         try:
             self.ep.send(self.servers[server], msg)
         except TransportError as exc:
@@ -292,6 +319,7 @@ class DistStore(StoreBackend):
                     cols["names"].append(info.name if isinstance(info.name, str) else None)
                     cols["frames"].append(flat[sh.lo:sh.hi])
             what = f"init of keys {_keys_text(keys)}"
+            log.debug("worker 0: init of %d keys on %d servers", len(keys), len(per_server))
             reqs = [self._request(s, "init", cols, cols.pop("frames"), what) for s, cols in per_server.items()]
             self._wait(reqs, what)
         for k, info in zip(keys, infos):
@@ -332,7 +360,11 @@ class DistStore(StoreBackend):
         comp = self._compressor
         for k, vals in pairs:
             info = self._keys[k]
-            merged = self._reduced(info, vals)
+            if timeline.enabled and len(vals) > 1:  # KVFRAME_TIMELINE: summing the per-device values
+                with timeline.span("reduce", key=k, nbytes=timeline.nbytes(vals), devices=len(vals)):
+                    merged = self._reduced(info, vals)
+            else:
+                merged = self._reduced(info, vals)
             if isinstance(merged, RowSparseArray):
                 for sh in info.shards:
                     sel = (merged.indices >= sh.row_lo) & (merged.indices < sh.row_hi)
@@ -352,7 +384,12 @@ class DistStore(StoreBackend):
                 res = self._residuals.get((info.kid, sh.part))
                 if res is None:
                     res = self._residuals[(info.kid, sh.part)] = np.zeros(sh.hi - sh.lo, info.dtype)
-                payload = np.ascontiguousarray(_as_host(comp.encode(part, res))).reshape(-1)
+                if timeline.enabled:
+                    t0 = timeline.now()
+                    payload = np.ascontiguousarray(_as_host(comp.encode(part, res))).reshape(-1)
+                    timeline.complete("compress", t0, key=k, nbytes=part.nbytes, part=sh.part, out_bytes=payload.nbytes)
+                else:
+                    payload = np.ascontiguousarray(_as_host(comp.encode(part, res))).reshape(-1)
                 shards.append((info.kid, sh.part, f"c:{dtype_name(payload.dtype)}"))
                 frames.append(payload)
         return per_server
@@ -367,6 +404,8 @@ class DistStore(StoreBackend):
         self._check_failure()
         self.requests.raise_late_errors()
         what = f"push of keys {_keys_text(keys)}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("worker %d: push of %d keys %s", self._rank, len(keys), _keys_text(keys))
         for s, (shards, frames) in self._push_shards(keys, values).items():
             fields = self._push_fields(shards, priority)
             fields["id"] = self.requests.push_sent(s, what)
@@ -461,6 +500,8 @@ class DistStore(StoreBackend):
     def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
         self._check_failure()
         what = f"pull of keys {_keys_text(keys)}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("worker %d: pull of %d keys %s", self._rank, len(keys), _keys_text(keys))
         reqs, after = self._pull_requests("pull", keys, outs, None, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
@@ -472,6 +513,8 @@ class DistStore(StoreBackend):
             return self.pull(keys, outs, priority)
         pushed = self._push_shards(keys, values)
         what = f"pushpull of keys {_keys_text(keys)}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("worker %d: pushpull of %d keys %s", self._rank, len(keys), _keys_text(keys))
         reqs, after = self._pull_requests("pushpull", keys, outs, pushed, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
@@ -564,8 +607,11 @@ class DistStore(StoreBackend):
         self._flush("the pushes before save_optimizer_states")
         blobs: list[bytes] = [b""] * self.num_servers
         what = "save_optimizer_states (gathering every server's states)"
-        reqs = [self._request(s, "get_states", {"dump": bool(dump_optimizer)}, (), what,
-                              lambda m, s=s: blobs.__setitem__(s, bytes(m.frames[0])))
+
+        def keep(s: int) -> Callable[[Message], None]:
+            return lambda m: blobs.__setitem__(s, bytes(m.frames[0]))
+
+        reqs = [self._request(s, "get_states", {"dump": bool(dump_optimizer)}, (), what, keep(s))
                 for s in range(self.num_servers)]
         self._wait(reqs, what)
         return pack_states(blobs, {"store": type(self).__name__, "num_servers": self.num_servers})
@@ -582,8 +628,12 @@ class DistStore(StoreBackend):
     # control --------------------------------------------------------------------------------
     def barrier(self, timeout: float | None = None, what: str = "the barrier") -> None:
         self._check_failure()
-        self._flush(f"the pushes before {what}")
-        self._to_scheduler("barrier", {}, f"{what} (every worker must reach it)", timeout)
+        with timeline.span("barrier", what=what):
+            self._flush(f"the pushes before {what}")
+            log.debug("worker %d: waiting at %s", self._rank, what)
+            t0 = time.monotonic()
+            self._to_scheduler("barrier", {}, f"{what} (every worker must reach it)", timeout)
+        log.debug("worker %d: passed %s after %.3f s", self._rank, what, time.monotonic() - t0)
 
     def send_command_to_servers(self, head: int, body: str) -> None:
         self._check_failure()
@@ -597,6 +647,7 @@ class DistStore(StoreBackend):
     def close(self) -> None:
         if self._closed:
             return
+        log.debug("worker %d: closing the store", self._rank)
         try:
             if self._failure is None and (self._hb is None or self._hb.failure is None):
                 try:
@@ -614,6 +665,8 @@ class DistStore(StoreBackend):
                 self._hb.join(5)
             self.ep.close()
             self.reducer.close()
+            log.debug("worker %d: closed", self._rank)
+            timeline.flush()
 
 
 class DistSyncStore(DistStore):

@@ -90,7 +90,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
         self._plans: dict[tuple, list[buckets.Unit]] = {}
         self._codes: dict[str, int] = {}  # numpy dtype.str -> NCCL dtype code
         self._closed = False
-        self._barrier_buf = None
+        self._barrier_buf: Any = None  # a cupy array, made by the first barrier
         launch = self._launch_info(config)
         if launch is None:
             self._rank, self._world = 0, 1
@@ -110,7 +110,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
         if config.mode == "single":
             return None
         try:
-            if config.world_size is not None:
+            if config.rank is not None and config.world_size is not None:  # given together (NcclConfig checks)
                 env = detect_launch_or_none()
                 local = config.local_rank if config.local_rank is not None else (env.local_rank if env else None)
                 return validate(config.rank, config.world_size, local, "the store options")
@@ -427,7 +427,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
             if k in self._no_value:
                 raise NotSupportedError(f"key {k!r}: its last value came from pushpull with pushpull_stores=False, "
                                         "which does not keep it; pull needs pushpull_stores=True (the default)")
-            per = {}
+            per: dict[int, list[Any]] = {}
             for i, o in enumerate(os_):
                 j = self._gpu_array(k, o, f"out {i}" if len(os_) > 1 else "out")
                 per.setdefault(j, []).append(o)

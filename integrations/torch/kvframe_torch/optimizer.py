@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -106,7 +106,13 @@ def _names(params: list[torch.Tensor], named_parameters: Any) -> list[str]:
     return [by_id[id(p)] for p in params]
 
 
-class _KVFrameDistributed:
+if TYPE_CHECKING:  # a mixin: at run time it stands in front of the wrapped optimizer's class
+    _OptimizerBase = torch.optim.Optimizer
+else:
+    _OptimizerBase = object
+
+
+class _KVFrameDistributed(_OptimizerBase):
     """What a DistributedOptimizer adds in front of the wrapped optimizer's class (see the module)."""
 
     _kvf_ready = False
@@ -233,6 +239,7 @@ class _KVFrameDistributed:
                                f"backward_passes_per_step is {self._kvf_bpps}: call step() after that many backward "
                                "passes, or raise backward_passes_per_step")
         b = slot.bucket
+        assert b is not None  # _kvf_setup gave every slot its bucket
         b.ready += 1
         if b.ready == len(b.slots):
             self._kvf_submit(b)
@@ -294,7 +301,7 @@ class _KVFrameDistributed:
                 self._kvf_submit(b)
         inflight, self._kvf_inflight = self._kvf_inflight, []
         n = self._kvf_store.num_workers
-        grads = []
+        grads: list[torch.Tensor] = []
         for b in inflight:
             b.handle.wait()
             for src, dst in b.after:
@@ -302,8 +309,9 @@ class _KVFrameDistributed:
             b.handle, b.after, b.ready = None, [], 0
             for s in b.slots:
                 s.passes = 0
-                if not self._kvf_on_store and self._kvf_average and n > 1 and s.param.grad.is_floating_point():
-                    grads.append(s.param.grad)
+                g = s.param.grad  # set by _kvf_submit
+                if not self._kvf_on_store and self._kvf_average and n > 1 and g is not None and g.is_floating_point():
+                    grads.append(g)
         if grads:
             torch._foreach_div_(grads, float(n))
         self._kvf_synced = True
@@ -425,10 +433,10 @@ class _KVFrameDistributed:
         store.barrier()
 
 
-_classes: dict[type, type] = {}
+_classes: dict[type[torch.optim.Optimizer], type[_KVFrameDistributed]] = {}
 
 
-def _distributed_class(base: type) -> type:
+def _distributed_class(base: type[torch.optim.Optimizer]) -> type[_KVFrameDistributed]:
     cls = _classes.get(base)
     if cls is None:
         cls = _classes[base] = type(base.__name__, (_KVFrameDistributed, base), {
