@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pydantic
 
+from kvframe import timeline
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.config import StoreConfig
 from kvframe.reduce import Reducer, merge
@@ -90,8 +91,13 @@ class KeyValues(dict):
 
     def push_on_host(self, key: Any, vals: list) -> None:
         """Sum host values and update (or assign into) the held host value."""
-        if self.updater is None and (len(vals) == 1 and type(vals[0]) is np.ndarray
-                                     or all(type(v) is np.ndarray for v in vals)):
+        if timeline.enabled:  # KVFRAME_TIMELINE: the phases of this push
+            with timeline.span("reduce", key=key, nbytes=timeline.nbytes(vals), copies=len(vals)):
+                merged = self.merged_on_host(key, vals)
+            with timeline.span("update" if self.updater is not None else "assign", key=key):
+                self.apply(key, merged)
+        elif self.updater is None and (len(vals) == 1 and type(vals[0]) is np.ndarray
+                                       or all(type(v) is np.ndarray for v in vals)):
             self.reducer.sum_into(self[key], vals)  # the sum goes straight into the held value
         else:
             self.apply(key, self.merged_on_host(key, vals))

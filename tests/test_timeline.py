@@ -134,7 +134,7 @@ def test_span_api_records_phases_in_process(tmp_path):
     events = json.load(open(written))
     names = [(e["name"], e.get("cat")) for e in events if e["ph"] == "X"]
     assert ("push", "op") in names and ("reduce", "phase") in names and ("compress", "phase") in names
-    red = next(e for e in events if e["name"] == "reduce")
+    red = next(e for e in events if e["name"] == "reduce" and "note" in e["args"])
     assert red["args"] == {"key": 3, "bytes": 16, "devices": 2, "note": "x"}
 
 
@@ -279,3 +279,25 @@ def test_dist_job_timeline_every_push_on_every_worker(tmp_path):
         red = [e for e in server if e["name"] == "reduce" and e["args"]["key"] == r["args"]["key"]
                and r["ts"] <= e["ts"] and e["ts"] + e["dur"] <= r["ts"] + r["dur"] + 1e-3]
         assert len(red) == 1, r
+
+
+def test_in_process_stores_record_their_phases(tmp_path):
+    code = """
+        import numpy as np, kvframe
+        kv = kvframe.create("local")
+        kv.init("w", np.zeros(8, np.float32))
+        kv.push("w", [np.ones(8, np.float32)] * 2)
+        kv.set_optimizer("sgd", learning_rate=0.1)
+        kv.push("w", np.ones(8, np.float32))
+        dev = kvframe.create("device")
+        dev.init("g", np.zeros(64, np.float32))
+        dev.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+        dev.push("g", [np.ones(64, np.float32)] * 4)
+    """
+    res = _run(tmp_path, code, {"KVFRAME_TIMELINE": "trace.json"})
+    assert res.returncode == 0, res.stderr
+    events = json.loads((tmp_path / "trace.worker0.json").read_text())
+    phases = [(e["name"], e["args"].get("key"), e["args"].get("bytes"), e["args"].get("copies"))
+              for e in events if e["ph"] == "X" and e["cat"] == "phase"]
+    assert phases == [("reduce", "w", 64, 2), ("assign", "w", None, None), ("reduce", "w", 32, 1),
+                      ("update", "w", None, None), ("compress+reduce", "g", 1024, 4)], phases

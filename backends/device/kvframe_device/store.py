@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from kvframe import parallel
+from kvframe import parallel, timeline
 from kvframe.arrays import RowSparseArray, array_module
 from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import DTypeMismatchError
@@ -240,6 +240,13 @@ class DeviceStore(InProcessUpdates, StoreBackend):
         return res
 
     def _compressed_push(self, key: Any, vals: list) -> None:
+        if timeline.enabled:  # KVFRAME_TIMELINE: encode + decode + sum as one phase (fused on CPU)
+            with timeline.span("compress+reduce", key=key, nbytes=timeline.nbytes(vals), copies=len(vals)):
+                self._compress_and_sum(key, vals)
+        else:
+            self._compress_and_sum(key, vals)
+
+    def _compress_and_sum(self, key: Any, vals: list) -> None:
         comp = self._compressor
         res = self._residuals(key, vals)
         target = self._target(key)
@@ -263,7 +270,8 @@ class DeviceStore(InProcessUpdates, StoreBackend):
                     with target.device:
                         comp.decode(payload, target, accumulate=i > 0)
         if self._values.updater is not None:  # without one the sum was written into the held value
-            self._values.apply(key, target)
+            with timeline.span("update", key=key):
+                self._values.apply(key, target)
 
     def _fused_host(self, comp: Any, flats: list, res: list, out: np.ndarray, multiple: int) -> None:
         """Encode, decode and sum block by block, each block staying in cache.  A codec with
