@@ -80,6 +80,9 @@ class StoreBackend:
     """
 
     capabilities: frozenset[str] = frozenset({"optimizer"})
+    #: True when ``get_optimizer_states`` writes a container of the store's own (the dist stores
+    #: gather every server's states): the front then leaves checking them to the store.
+    own_states_format: bool = False
 
     def __init__(self, config: Any):
         self.config = config

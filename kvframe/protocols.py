@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Protocol, TypeAlias, Union, runtime_checkable
 
 import numpy as np
@@ -32,6 +32,15 @@ class StatefulUpdater(Updater, Protocol):
 
 
 @runtime_checkable
+class CheckedUpdater(Updater, Protocol):
+    """An updater that can say beforehand whether it will take a key's gradient (its dtype, its
+    shape): a store calls ``check`` on every key of a push of several keys before it changes any,
+    so such a push is all or nothing without staging copies of the values."""
+
+    def check(self, key: Hashable, grad: Array, weight: Array) -> None: ...
+
+
+@runtime_checkable
 class Optimizer(Protocol):
     """What ``set_optimizer`` needs: the validated config (sent to servers) and an updater."""
 
@@ -40,6 +49,16 @@ class Optimizer(Protocol):
     def config(self) -> OptimizerConfig: ...
 
     def create_updater(self) -> StatefulUpdater: ...
+
+
+@runtime_checkable
+class StatesChecker(Protocol):
+    """An optimizer that can refuse saved states before they are loaded: ``load_optimizer_states``
+    calls ``check_states(data, {key: (shape, dtype)})`` (unless the store keeps its own container,
+    ``StoreBackend.own_states_format``) and raises the optimizer's error before anything changes."""
+
+    def check_states(self, data: bytes, weights: Mapping[Hashable, tuple[tuple[int, ...], np.dtype]] | None = None
+                     ) -> None: ...
 
 
 @runtime_checkable
@@ -56,6 +75,34 @@ class Compressor(Protocol):
     def encode(self, grad: Array, residual: Array) -> Array: ...
 
     def decode(self, payload: Array, out: Array, accumulate: bool = False) -> Array: ...
+
+
+@runtime_checkable
+class DTypeCheckingCompressor(Compressor, Protocol):
+    """A compressor that refuses a gradient dtype it cannot encode (``ValueError`` or ``TypeError``,
+    saying why): a store checks every pushed key with it before any key changes."""
+
+    def check_dtype(self, dtype: np.dtype) -> None: ...
+
+
+@runtime_checkable
+class BlockCodec(Compressor, Protocol):
+    """An element-wise compressor: encoding aligned slices of ``block_multiple`` elements one by
+    one gives the same payload bytes, residual and decoded values as encoding the whole array
+    (``block_multiple`` None: it is not element-wise after all, e.g. a threshold from the whole
+    array).  The ``device`` store then fuses encode, decode and the sum of the copies block by
+    block, each block staying in the CPU cache."""
+
+    block_multiple: int | None
+
+
+@runtime_checkable
+class FusedBlockCodec(BlockCodec, Protocol):
+    """A :class:`BlockCodec` that does encode, decode and the sum in one pass over a block:
+    ``out (+)= decode(encode(grad, residual))`` with ``residual`` updated in place, the same values
+    as the two calls, without making the payload (a compiled kernel)."""
+
+    def encode_decode_into(self, grad: Array, residual: Array, out: Array, accumulate: bool) -> None: ...
 
 
 @runtime_checkable

@@ -446,7 +446,7 @@ class KVStore:
         check = getattr(self._optimizer, "check_states", None)
         # the optimizer can tell whether the states fit the keys here, unless the store writes its own
         # container (the dist stores gather per-server states and check them on the servers)
-        if check is not None and not getattr(self._backend, "own_states_format", False):
+        if check is not None and not self._backend.own_states_format:
             check(data, {k: (m.shape, m.dtype) for k, m in self._meta.items()})
         self._backend.set_optimizer_states(data)
 
