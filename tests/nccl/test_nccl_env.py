@@ -160,7 +160,7 @@ def test_rendezvous_duplicate_rank():
 def test_rendezvous_token_mismatch_keeps_strangers_out():
     port = _free_port()
     results, errors = _run_ranks(2, port, tokens=["secret", "wrong"], timeout=2)
-    assert "KVFRAME_NCCL_TOKEN differs" in str(errors[1])
+    assert "secret (KVFRAME_SECRET) differs" in str(errors[1])
     assert isinstance(errors[0], rendezvous.RendezvousTimeout) and "ranks [1]" in str(errors[0])
     results, errors = _run_ranks(2, _free_port(), tokens=["secret", "secret"])
     assert not errors and results[0] == results[1]

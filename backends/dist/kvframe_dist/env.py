@@ -1,4 +1,5 @@
-"""A node's settings from the environment: MXNet's ``DMLC_*`` names and kvframe's own ``KVFRAME_*``.
+"""A node's settings from the environment: MXNet's ``DMLC_*`` names and kvframe's own ``KVFRAME_*``,
+read with :mod:`kvframe.jobenv` (the one reader of job variables, shared with the nccl store).
 
 ``KVFRAME_*`` wins where both are set.  Required for a distributed job: the role, the scheduler's
 address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of servers and workers.
@@ -29,12 +30,12 @@ address (``DMLC_PS_ROOT_URI`` / ``DMLC_PS_ROOT_PORT``) and the numbers of server
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import overload
 
+from kvframe.jobenv import env_flag, env_float, env_int, env_str, job_secret, mpi_rank
 from kvframe.log import LogLevelError, configure
 from kvframe_dist.address import is_loopback
 
@@ -47,11 +48,8 @@ def _get(names: tuple[str, ...], default: str) -> str: ...
 @overload
 def _get(names: tuple[str, ...], default: None = None) -> str | None: ...
 def _get(names: tuple[str, ...], default: str | None = None) -> str | None:
-    for n in names:
-        v = os.environ.get(n)
-        if v not in (None, ""):
-            return v
-    return default
+    value = env_str(names)
+    return default if value is None else value
 
 
 @overload
@@ -59,24 +57,13 @@ def _int(names: tuple[str, ...], default: int) -> int: ...
 @overload
 def _int(names: tuple[str, ...], default: None) -> int | None: ...
 def _int(names: tuple[str, ...], default: int | None) -> int | None:
-    v = _get(names)
-    if v is None:
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"environment variable {names[0]} (or {', '.join(names[1:]) or '-'}) must be an integer; "
-                         f"got {v!r}") from None
+    value = env_int(names)
+    return default if value is None else value
 
 
 def _float(names: tuple[str, ...], default: float) -> float:
-    v = _get(names)
-    if v is None:
-        return default
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"environment variable {names[0]} must be a number of seconds; got {v!r}") from None
+    value = env_float(names)
+    return default if value is None else value
 
 
 @dataclass
@@ -106,10 +93,6 @@ class NodeEnv:
     @property
     def loopback(self) -> bool:
         return self.root_uri in LOOPBACK
-
-
-def _flag(*names: str) -> bool:
-    return (_get(names, "0") or "0").lower() not in ("0", "false", "no")
 
 
 def job_transport() -> str:
@@ -144,21 +127,20 @@ def node_env(role: str | None = None) -> NodeEnv:
     if ns < 1 or nw < 1:
         raise ValueError(f"need at least one server and one worker; got DMLC_NUM_SERVER={ns}, DMLC_NUM_WORKER={nw}")
     root = _get(("KVFRAME_ROOT_URI", "DMLC_PS_ROOT_URI"), "127.0.0.1")
-    secret = _get(("KVFRAME_SECRET",))
-    if secret is None and not _flag("KVFRAME_INSECURE") and not is_loopback(root):
+    secret = job_secret()
+    if secret is None and not env_flag(("KVFRAME_INSECURE",)) and not is_loopback(root):
         raise ValueError(f"a {role} of a job on {root} (not loopback) needs the job's secret: set KVFRAME_SECRET to "
                          "the same random string on every node (kvframe-launch makes one per job), or "
                          "KVFRAME_INSECURE=1 to run unauthenticated, open to anyone who can reach the job")
     return NodeEnv(
         role=role, root_uri=root, root_port=port, num_servers=ns, num_workers=nw,
-        rank=_int(("KVFRAME_RANK",), None) if not os.environ.get("KVFRAME_RANK_FROM_MPI")
-        else _int(("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"), None),
+        rank=_int(("KVFRAME_RANK",), None) if not env_flag(("KVFRAME_RANK_FROM_MPI",)) else mpi_rank(),
         node_host=_get(("KVFRAME_NODE_HOST", "DMLC_NODE_HOST")),
         interface=_get(("KVFRAME_INTERFACE", "DMLC_INTERFACE")),
         transport=job_transport(),
         port=_int(("KVFRAME_PORT", "PORT"), 0),
         secret=secret.encode() if secret else None,
-        mac_data=_flag("KVFRAME_MAC_DATA"),
+        mac_data=env_flag(("KVFRAME_MAC_DATA",)),
         heartbeat_interval=_float(("KVFRAME_HEARTBEAT_INTERVAL",), 1.0),
         heartbeat_timeout=_float(("KVFRAME_HEARTBEAT_TIMEOUT",), 15.0),
         connect_timeout=_float(("KVFRAME_CONNECT_TIMEOUT",), 300.0),

@@ -37,8 +37,8 @@ class NcclConfig(StoreConfig):
         None, description="host:port where rank 0 serves the NCCL unique id (default: KVFRAME_NCCL_ADDR, else "
                           "MASTER_ADDR with MASTER_PORT+1)")
     rendezvous_timeout: float = Field(120.0, gt=0, le=86400, description="seconds to wait for the unique-id exchange")
-    token: str | None = Field(None, description="shared secret checked at the rendezvous (default: "
-                                                "KVFRAME_NCCL_TOKEN)")
+    token: str | None = Field(None, description="shared secret checked at the rendezvous (default: the job's "
+                                                "KVFRAME_SECRET)")
     timeout: float | None = Field(None, gt=0, description="seconds a wait on the GPU may take before it fails "
                                                           "(default: KVFRAME_TIMEOUT, 120)")
 

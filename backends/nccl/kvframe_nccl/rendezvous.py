@@ -10,7 +10,7 @@ Wire format (version 1), all integers big-endian:
 - reply, rank 0 -> rank r: ``b"KVFN"`` | status u8 (0 ok, 1 error) | then either the 128-byte id,
   or u16 length + UTF-8 message
 
-The token digest is SHA-256 of the shared token (``KVFRAME_NCCL_TOKEN``), or 32 zero bytes when none
+The token digest is SHA-256 of the job's secret (``KVFRAME_SECRET``), or 32 zero bytes when none
 is set; rank 0 refuses a hello whose digest differs. This keeps strangers from joining by accident;
 it does not encrypt the id (run on a trusted network).
 """
@@ -146,7 +146,7 @@ def serve_unique_id(uid: bytes, world_size: int, host: str, port: int, timeout: 
                 if version != VERSION:
                     problem = f"rendezvous protocol version {version} is not {VERSION}: mixed kvframe-nccl versions"
                 elif not hmac.compare_digest(digest, want):
-                    problem, stranger = "the KVFRAME_NCCL_TOKEN differs from rank 0's", True
+                    problem, stranger = "the job's secret (KVFRAME_SECRET) differs from rank 0's", True
                 elif world != world_size:
                     problem = f"rank {rank} was started with world size {world}, rank 0 with {world_size}"
                 elif not 0 < rank < world_size:

@@ -28,6 +28,7 @@ import numpy as np
 from kvframe.arrays import RowSparseArray
 from kvframe.backend import DEFAULT_TIMEOUT, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import ConfigError, KeyNotInitializedError, KVTimeoutError, NotSupportedError
+from kvframe.jobenv import job_secret
 from kvframe_nccl import buckets, cuda
 from kvframe_nccl.config import NcclConfig
 from kvframe_nccl.launch_env import LaunchEnvError, LaunchInfo, detect_launch, rendezvous_address, validate
@@ -155,11 +156,10 @@ class NcclStore(InProcessUpdates, StoreBackend):
         return device
 
     def _connect(self, config: NcclConfig, launch: LaunchInfo) -> Any:
-        import os
 
         cp, nccl = self._cp, self._nccl
         make_id = lambda: cuda.uid_to_bytes(nccl.get_unique_id())  # noqa: E731
-        token = config.token if config.token is not None else os.environ.get("KVFRAME_NCCL_TOKEN")
+        token = config.token if config.token is not None else job_secret()
         with cp.cuda.Device(self._devices[0]):
             if launch.world_size == 1:
                 raw = make_id()
