@@ -400,7 +400,7 @@ def run_launch(job: Job, kv_script: Path) -> Result:
     res = Result()
     t = time.monotonic()
     try:
-        p = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", str(job.workers), "-s",
+        p = subprocess.run([sys.executable, "-m", "kvframe_launch", "-n", str(job.workers), "-s",
                             str(job.servers), "--", sys.executable, str(kv_script)], capture_output=True, text=True,
                            env=env, timeout=400)
     except subprocess.TimeoutExpired:

@@ -318,7 +318,7 @@ def kvframe_loopback(args, secret: bool) -> list[dict]:
     token, extra = _token_env({"OMP_NUM_THREADS": "1"})
     with CpuSampler(token) as sampler:
         if secret:
-            launcher = [sys.executable, "-m", "kvframe_dist.launch", "-n", "2", "-s", str(args.servers), "--"]
+            launcher = [sys.executable, "-m", "kvframe_launch", "-n", "2", "-s", str(args.servers), "--"]
             out = _log()
             p = subprocess.Popen(launcher + _worker_args(args, "kvframe", args.variants), env=_clean_env(extra),
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

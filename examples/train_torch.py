@@ -67,7 +67,7 @@ def relaunch(config_path: Path, workers: int, servers: int, argv: list[str]) -> 
     launcher = shutil.which("kvframe-launch", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                     os.environ.get("PATH", "")]))
     if launcher is None:
-        sys.exit("a dist store needs kvframe-launch from kvframe-dist: pip install 'kvframe[dist]'")
+        sys.exit("a dist store needs the kvframe-launch command: pip install 'kvframe[dist]' (or kvframe-launch)")
     cmd = [launcher, "-n", str(workers), "-s", str(servers), "--config", str(config_path), "--",
            sys.executable, str(Path(__file__).resolve()), *argv]
     print(f"launching {workers} workers and {servers} server(s) on loopback: {' '.join(cmd)}", flush=True)

@@ -24,6 +24,7 @@ PACKAGES = {
     "kvframe_compressors": "compressors/kvframe_compressors",
     "kvframe_optimizers": "optimizers/kvframe_optimizers",
     "kvframe_transports": "transports/kvframe_transports",
+    "kvframe_launch": "launcher/kvframe_launch",
     "kvframe_torch": "integrations/torch/kvframe_torch",
 }
 

@@ -68,7 +68,7 @@ def run_job(tmp_path: Path, body: str, n: int = 2, s: int = 2, env: dict | None 
     full_env = {**os.environ, "KVFRAME_HEARTBEAT_INTERVAL": "0.25", "KVFRAME_HEARTBEAT_TIMEOUT": "3",
                 "KVFRAME_TIMEOUT": "30", "KVFRAME_CONNECT_TIMEOUT": "30", "KVFRAME_TEST_TOKEN": token,
                 "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    cmd = [sys.executable, "-m", "kvframe_dist.launch", "-n", str(n), "-s", str(s), *launcher_args, "--",
+    cmd = [sys.executable, "-m", "kvframe_launch", "-n", str(n), "-s", str(s), *launcher_args, "--",
            sys.executable, str(script)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, text=True)

@@ -18,7 +18,8 @@ ADDRESS = HERE.parents[1] / "backends" / "dist" / "kvframe_dist" / "address.py"
 sys.path.insert(0, str(HERE))
 from netns import Hosts, netns_unavailable  # noqa: E402
 
-# loaded from its file: the module is stdlib-only and must not need the rest of the package
+# loaded from its file: the module needs only the standard library and kvframe_transports.addresses (where
+# this host's addresses live), not the rest of its package
 _spec = importlib.util.spec_from_file_location("kvframe_address_under_test", ADDRESS)
 address = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(address)

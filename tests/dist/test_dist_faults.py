@@ -281,7 +281,7 @@ def test_missing_variables_give_a_clear_error(monkeypatch):
 
 
 def test_ssh_and_mpi_command_lines(tmp_path):
-    from kvframe_dist import launch
+    from kvframe_launch import launch
 
     hosts = tmp_path / "hosts"
     hosts.write_text("# cluster\nnode1\nnode2 slots=2\n")
@@ -308,14 +308,14 @@ def test_ssh_and_mpi_command_lines(tmp_path):
     assert srv[-4:] == ["-m", "kvframe_dist", "--role", "server"] and wrk[-2:] == ["python", "train.py"]
     assert "DMLC_ROLE=worker" in wrk and "KVFRAME_RANK_FROM_MPI=1" in wrk and "DMLC_NUM_WORKER=4" in wrk
 
-    out = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", "2", "--dry-run", "--", "python", "x.py"],
+    out = subprocess.run([sys.executable, "-m", "kvframe_launch", "-n", "2", "--dry-run", "--", "python", "x.py"],
                          capture_output=True, text=True, timeout=30, cwd=HERE)
     assert out.returncode == 0 and "# worker 1" in out.stdout and "DMLC_ROLE=server" in out.stdout, out
 
 
 def test_launcher_refuses_bad_arguments():
     for argv in (["-n", "2"], ["-n", "0", "--", "x"], ["-n", "2", "--launcher", "ssh", "--", "x"]):
-        res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", *argv], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-m", "kvframe_launch", *argv], capture_output=True, text=True,
                              timeout=30)
         assert res.returncode == 2, (argv, res.stderr)
 
@@ -323,7 +323,7 @@ def test_launcher_refuses_bad_arguments():
 def test_launcher_with_a_missing_worker_command_leaves_nothing_behind(tmp_path):
     token = "kvframe-test-missing-cmd"
     env = {**os.environ, "KVFRAME_TEST_TOKEN": token}
-    res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", "1", "-s", "1", "--",
+    res = subprocess.run([sys.executable, "-m", "kvframe_launch", "-n", "1", "-s", "1", "--",
                           str(tmp_path / "no-such-program")], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 127 and "cannot start worker 0" in res.stdout, (res.stdout, res.stderr)
     from dist_helpers import _leftovers

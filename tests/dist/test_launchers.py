@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from dist_helpers import _leftovers, run_job
-from kvframe_dist import launch
+from kvframe_launch import launch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -205,7 +205,7 @@ def _launch_local(args: list[str], env: dict | None = None) -> Run:
     full.update({"KVFRAME_TEST_TOKEN": token, "KVFRAME_HEARTBEAT_INTERVAL": "0.25", "KVFRAME_HEARTBEAT_TIMEOUT": "3",
                  "KVFRAME_TIMEOUT": "30", "KVFRAME_CONNECT_TIMEOUT": "30",
                  "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **(env or {})})
-    p = subprocess.Popen([PY, "-m", "kvframe_dist.launch", *args], env=full, stdout=subprocess.PIPE,
+    p = subprocess.Popen([PY, "-m", "kvframe_launch", *args], env=full, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, cwd=str(HERE))
     run = Run(p, token)
 
@@ -444,7 +444,7 @@ def test_a_given_shm_dir_must_be_a_private_directory_of_this_user(tmp_path, monk
     with pytest.raises(SystemExit, match="is a symbolic link"):           # --env is checked as well
         launch.main(["-n", "1", f"--env=KVFRAME_SHM_DIR={link}", "--", "true"])
     # the command, as a user runs it: a clear message, nothing started
-    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "-n", "1", "--", "true"], capture_output=True, text=True,
+    res = subprocess.run([PY, "-m", "kvframe_launch", "-n", "1", "--", "true"], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "KVFRAME_SHM_DIR": str(wide)})
     assert res.returncode == 1 and res.stdout == "", res
     assert res.stderr.strip() == (f"kvframe-launch: refusing KVFRAME_SHM_DIR={wide}: it has mode 0755, not 0700; "
@@ -476,9 +476,9 @@ def test_transport_flags_and_version(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             launch.parse_args(["-n", "1", *argv, "--", "x"])
         assert exc.value.code == 2 and why in capsys.readouterr().err, argv
-    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "--version"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([PY, "-m", "kvframe_launch", "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and re.fullmatch(r"kvframe-launch \d+\.\d+\.\d+\S*\n", res.stdout), res
-    res = subprocess.run([PY, "-m", "kvframe_dist.launch", "--help"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([PY, "-m", "kvframe_launch", "--help"], capture_output=True, text=True, timeout=60)
     assert "--transport NAME" in res.stdout and "means --transport tcp" in res.stdout and "means --transport shm" \
         in res.stdout.replace("\n", " ").replace("  ", " ").replace("  ", " "), res.stdout
 
@@ -657,7 +657,7 @@ def _start(cluster: Cluster, args: list[str], env: dict | None = None) -> Run:
     env = {"KVFRAME_TEST_TOKEN": token, "KVFRAME_SSH": cluster.ssh, "KVFRAME_HEARTBEAT_INTERVAL": "0.25",
            "KVFRAME_HEARTBEAT_TIMEOUT": "5", "KVFRAME_TIMEOUT": "30", "KVFRAME_CONNECT_TIMEOUT": "40", **(env or {})}
     opts = [f"--ssh-option={o}" for o in cluster.ssh_options]
-    p = cluster.hosts.popen(0, [PY, "-m", "kvframe_dist.launch", *opts, *extra, *args], env, stdout=subprocess.PIPE,
+    p = cluster.hosts.popen(0, [PY, "-m", "kvframe_launch", *opts, *extra, *args], env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=str(HERE))
     run = Run(p, token)
 
@@ -844,6 +844,42 @@ def test_ssh_job_sums_across_hosts(cluster, tmp_path):
     _check_sums(run, {"worker 0": h[1].ip, "worker 1": h[2].ip})
 
 
+WORKERS_ONLY = str(HERE.parent / "launcher" / "workers_only_worker.py")  # RESULT {...}: variables, a rendezvous
+
+
+def _check_workers_only(run: Run, rendezvous: str, mpi: bool = False) -> None:
+    """Each worker of a ``-s 0`` job on its own host got the rendezvous host (worker 0's), its rank and
+    the job's secret, and store 'nccl''s unique-id rendezvous across the hosts worked."""
+    got = {who: json.loads(run.of(who, "RESULT")[0]) for who in ("worker 0", "worker 1") if run.of(who, "RESULT")}
+    assert sorted(got) == ["worker 0", "worker 1"], run.out
+    assert not any(ln.startswith(("[scheduler]", "[server", "[servers]")) for ln in run.lines), run.out
+    port = got["worker 0"]["KVFRAME_ROOT_PORT"]
+    for rank in (0, 1):
+        r = got[f"worker {rank}"]
+        assert (r["KVFRAME_ROLE"], r["KVFRAME_WORLD_SIZE"], r["KVFRAME_NUM_SERVERS"], r["KVFRAME_ROOT_URI"],
+                r["KVFRAME_ROOT_PORT"], r["KVFRAME_TEST_TOKEN"]) == ("worker", "2", "0", rendezvous, port, run.token), r
+        if mpi:
+            assert (r["KVFRAME_RANK"], r["KVFRAME_LOCAL_RANK"], r["KVFRAME_RANK_FROM_MPI"],
+                    r["OMPI_COMM_WORLD_RANK"]) == (None, None, "1", str(rank)), r
+        else:
+            assert (r["KVFRAME_RANK"], r["KVFRAME_LOCAL_RANK"]) == (str(rank), "0"), r  # one worker per host
+        assert r["secret"] == got["worker 0"]["secret"] and r["secret"], r
+        if "nccl" in r:
+            assert r["nccl"] == [rank, 2, 0, "Open MPI" if mpi else "KVFRAME", rendezvous, int(port) + 1], r
+            assert r["uid"] == got["worker 0"]["uid"], r
+
+
+@pytest.mark.slow
+def test_ssh_workers_only_job_meets_on_worker_0s_host(cluster, tmp_path):
+    """-s 0: no scheduler here, a worker on each of hosts 1 and 2, the rendezvous on host 1 (worker 0's)."""
+    h = cluster.hosts
+    run = _start(cluster, ["-n", "2", "-s", "0", "--launcher", "ssh", "-H", _hostfile(tmp_path, [h[1].ip, h[2].ip]),
+                           "--ssh-option", f"Port={SSH_PORT}", "--", PY, WORKERS_ONLY])
+    rc = _finish(cluster, run, 60)
+    assert rc == 0, run.out + cluster.logs()
+    _check_workers_only(run, h[1].ip)
+
+
 # -- mpi -------------------------------------------------------------------------------------------------
 
 def _mpi_unavailable() -> str | None:
@@ -890,6 +926,17 @@ def test_mpi_job_sums_across_hosts(mpi, tmp_path):
     rc = _finish(mpi, run, 90)
     assert rc == 0, run.out + mpi.logs()
     _check_sums(run, {"worker 0": h[1].ip, "worker 1": h[2].ip})
+
+
+@pytest.mark.slow
+def test_mpi_workers_only_job_takes_its_ranks_from_mpi(mpi, tmp_path):
+    h = mpi.hosts
+    hostfile = _hostfile(tmp_path, [f"{h[1].ip} slots=1", f"{h[2].ip} slots=1"])
+    run = _start(mpi, ["-n", "2", "-s", "0", "--launcher", "mpi", "-H", hostfile, "--ssh-option", f"Port={SSH_PORT}",
+                       "--", PY, WORKERS_ONLY])
+    rc = _finish(mpi, run, 60)
+    assert rc == 0, run.out + mpi.logs()
+    _check_workers_only(run, h[1].ip, mpi=True)
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def test_warning_drops_info_lines(tmp_path):
 def test_a_bad_value_fails_fast(tmp_path, monkeypatch):
     env = {**os.environ, "KVFRAME_LOG_LEVEL": "loud"}
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "kvframe_dist.launch", "-n", "1", "--", sys.executable, "-c",
+    res = subprocess.run([sys.executable, "-m", "kvframe_launch", "-n", "1", "--", sys.executable, "-c",
                           "print('never')"], env=env, capture_output=True, text=True, timeout=30)
     assert res.returncode == 2, res
     assert "KVFRAME_LOG_LEVEL='loud'" in res.stderr and "DEBUG, INFO, WARNING, ERROR" in res.stderr, res.stderr

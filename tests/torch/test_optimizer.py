@@ -245,7 +245,8 @@ def test_scale_free_2bit_trains_without_tuning():
 
 
 def test_create_store_follows_the_launcher(monkeypatch, tmp_path):
-    for var in ("KVFRAME_CONFIG", "KVFRAME_ROOT_PORT", "DMLC_PS_ROOT_PORT", "DMLC_ROLE", "WORLD_SIZE", "RANK"):
+    for var in ("KVFRAME_CONFIG", "KVFRAME_ROOT_PORT", "DMLC_PS_ROOT_PORT", "DMLC_ROLE", "WORLD_SIZE", "RANK",
+                "KVFRAME_NUM_SERVERS", "KVFRAME_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert kvframe_torch.launcher() == "none" and kvframe_torch.create_store().type == "local"
     assert kvframe_torch.create_store("device").type == "device"
@@ -262,3 +263,12 @@ def test_create_store_follows_the_launcher(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="kvframe-launch -n 2"):
             kvframe_torch.create_store()
     assert kvframe_torch.launcher({"KVFRAME_ROOT_PORT": "9000"}) == "kvframe-launch"
+    assert kvframe_torch.launcher({"KVFRAME_ROOT_PORT": "9000", "KVFRAME_NUM_SERVERS": "0"}) == "kvframe-launch-workers"
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    for var, value in {"KVFRAME_ROOT_PORT": "9000", "KVFRAME_NUM_SERVERS": "0", "KVFRAME_WORLD_SIZE": "2",
+                       "KVFRAME_RANK": "0"}.items():
+        monkeypatch.setenv(var, value)
+    if not torch.cuda.is_available():  # kvframe-launch -s 0: all-reduce with nccl, which needs GPUs
+        with pytest.raises(RuntimeError, match="without servers .* kvframe-launch -n 2 -s 1"):
+            kvframe_torch.create_store()

@@ -7,9 +7,10 @@ started by                               store
                                          optimizer from the file; ``kvframe-launch --config``)
 ``kvframe-launch`` (or MXNet's ``DMLC``  ``dist_sync``: servers sum (and may run the optimizer)
 variables)
+``kvframe-launch -s 0`` (no servers)     ``nccl``, as under torchrun
 ``torchrun`` (``RANK``, ``WORLD_SIZE``,  ``nccl``, one GPU per process (``LOCAL_RANK``'s, made the
-``LOCAL_RANK``, ``MASTER_ADDR``)         current device); NCCL's rendezvous at MASTER_ADDR,
-                                         MASTER_PORT + 1
+``LOCAL_RANK``, ``MASTER_ADDR``)         current device); NCCL's rendezvous at the job's root
+                                         port + 1
 anything else                            ``local`` (one process)
 =======================================  =========================================================
 """
@@ -26,10 +27,13 @@ _DIST_VARS = ("KVFRAME_ROOT_PORT", "DMLC_PS_ROOT_PORT")
 
 
 def launcher(env: Any = None) -> str:
-    """'config', 'kvframe-launch', 'torchrun' or 'none': what started this process."""
+    """'config', 'kvframe-launch', 'kvframe-launch-workers' (``-s 0``: no servers), 'torchrun' or
+    'none': what started this process."""
     env = os.environ if env is None else env
     if env.get("KVFRAME_CONFIG"):
         return "config"
+    if env.get("KVFRAME_NUM_SERVERS", "").strip() == "0":
+        return "kvframe-launch-workers"
     if any(env.get(v) for v in _DIST_VARS) or env.get("DMLC_ROLE"):
         return "kvframe-launch"
     if env.get("WORLD_SIZE") and env.get("RANK"):
@@ -49,14 +53,16 @@ def create_store(name: str | None = None, **options: Any) -> kvframe.KVStore:
         return kvframe.create_from_config()
     if how == "kvframe-launch":
         return kvframe.create("dist_sync", **options)
-    if how == "torchrun" and int(os.environ["WORLD_SIZE"]) > 1:
+    workers_only = how == "kvframe-launch-workers" and int(os.environ.get("KVFRAME_WORLD_SIZE", "1")) > 1
+    if workers_only or (how == "torchrun" and int(os.environ["WORLD_SIZE"]) > 1):
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError(
-                "under torchrun kvframe-torch all-reduces with store 'nccl', which needs CUDA GPUs (and cupy); for "
-                "CPU training start the job with kvframe-launch (store dist_sync): kvframe-launch -n "
-                f"{os.environ['WORLD_SIZE']} -s 1 -- python {os.path.basename(sys.argv[0] or 'train.py')}")
+                "without servers (torchrun, or kvframe-launch -s 0) kvframe-torch all-reduces with store 'nccl', which "
+                "needs CUDA GPUs (and cupy); for CPU training start the job with servers (store dist_sync): "
+                f"kvframe-launch -n {os.environ.get('WORLD_SIZE') or os.environ.get('KVFRAME_WORLD_SIZE')} -s 1 -- "
+                f"python {os.path.basename(sys.argv[0] or 'train.py')}")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return kvframe.create("nccl", **options)
     return kvframe.create("local", **options)
