@@ -1,7 +1,11 @@
 """Store 'local' against Apache MXNet 1.9.1's: push of N per-device copies + pull, float32.
 
 The workload of ../shared/anchors/mx_local_bench.py, timed the same way on both sides (best of
-several rounds) in one run.  Usage: python benchmarks/bench_local.py [--quick]
+several rounds) in one run.  Prints which path sums the copies (``KVFRAME_KERNELS``: numba's one-pass
+sum or numpy's blocked adds), and ``% of floor``: the bytes an iteration must move (push: read the N
+copies, write the stored sum (one copy: a copy in); pull: read it, write the output) over this
+machine's one-thread copy bandwidth (``common.memory_bandwidth``), against the measured time.
+Usage: python benchmarks/bench_local.py [--quick] [--no-mxnet]
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import sys
 import numpy as np
 
 try:
-    from benchmarks.common import best_time, run_mxnet, table
+    from benchmarks.common import best_time, floor_percent, memory_bandwidth, run_mxnet, table
 except ImportError:  # run as a script
-    from common import best_time, run_mxnet, table
+    from common import best_time, floor_percent, memory_bandwidth, run_mxnet, table
 
 import kvframe
+from kvframe.reduce import kernel_backend
 
 SIZES = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
 NDEVS = [1, 4]
@@ -73,8 +78,15 @@ def kvframe_times(quick: bool) -> dict:
     return res
 
 
+def bytes_moved(size: int, ndev: int) -> int:
+    """push: read the copies and write the stored value (one copy: read it, write it); pull: read + write."""
+    return size * 4 * ((ndev + 1 if ndev > 1 else 2) + 2)
+
+
 def main(argv: list[str]) -> str:
     quick = "--quick" in argv
+    bandwidth = memory_bandwidth()
+    path = kernel_backend()
     ours = kvframe_times(quick)
     out = run_mxnet(MXNET_CODE, args=[json.dumps([SIZES, NDEVS, quick])]) if "--no-mxnet" not in argv else ""
     mx = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
@@ -83,12 +95,16 @@ def main(argv: list[str]) -> str:
         for ndev in NDEVS:
             k = f"{size},{ndev}"
             t = ours[k]
-            gbs = size * 4 * (ndev + 1) / t / 1e9
+            moved = bytes_moved(size, ndev)
             m = mx.get(k)
-            rows.append([f"2^{size.bit_length() - 1}", ndev, f"{t * 1e6:.1f}", f"{gbs:.2f}",
-                         f"{m * 1e6:.1f}" if m else "-", f"{m / t:.2f}x" if m else "-"])
+            rows.append([f"2^{size.bit_length() - 1}", ndev, f"{t * 1e6:.1f}", f"{moved / t / 1e9:.2f}",
+                         floor_percent(moved, t, bandwidth), f"{m * 1e6:.1f}" if m else "-",
+                         f"{m / t:.2f}x" if m else "-"])
     text = ("### local store: push of N copies + pull, float32 (µs per iteration)\n\n"
-            + table(["size", "copies", "kvframe µs", "kvframe GB/s", "MXNet 1.9.1 µs", "speed-up"], rows))
+            f"sum path: {path} (KVFRAME_KERNELS); memory floor: {bandwidth / 1e9:.1f} GB/s (one-thread copy, "
+            "read + write); GB/s counts push's reads of the copies and write of the sum, and pull's read + write\n\n"
+            + table(["size", "copies", "kvframe µs", "kvframe GB/s", "% of floor", "MXNet 1.9.1 µs", "speed-up"],
+                    rows))
     print(text)
     return text
 

@@ -5,10 +5,17 @@ Every store reduces with this (local, device, the dist worker and server).
 numpy releases the GIL inside ufuncs, so threads share the memory bandwidth.  Each thread walks
 its contiguous range in cache-sized blocks so that summing N inputs reads each input once and
 writes the output once, with the partial sums kept in cache.
+
+Where numba can be imported, sums of float32/float64 arrays run a compiled one-pass loop instead
+(:mod:`kvframe._reduce_kernels`: the same additions in the same order, so the same bits).
+``KVFRAME_KERNELS=numpy|numba`` chooses, as for the optimizers and codecs (unset: numba when it
+can be imported); :func:`kernel_backend` says which runs.  kvframe does not require numba.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +25,43 @@ from kvframe import parallel
 from kvframe.arrays import RowSparseArray, array_module
 
 BLOCK = 1 << 15  # elements per cache block (128 KiB of float32)
+COMPILED_MIN = 1 << 12  # smaller sums stay on numpy (the compiled call's fixed cost is larger there)
+KERNELS_ENV = "KVFRAME_KERNELS"
+
+_compiled: Any = None  # kvframe._reduce_kernels once imported; False without numba
+
+
+def _compiled_kernels() -> Any:
+    global _compiled
+    if _compiled is None:
+        try:
+            _compiled = importlib.import_module("kvframe._reduce_kernels")
+        except Exception:  # numba missing, or unusable here (with this numpy, no cache directory...)
+            _compiled = False
+    return _compiled or None
+
+
+def kernel_backend() -> str:
+    """Which path sums numpy arrays: ``'numba'`` or ``'numpy'``.  ``KVFRAME_KERNELS=numpy|numba``
+    (read at every call); unset or empty: numba when it can be imported.  ``numba`` where it
+    cannot be imported raises ImportError."""
+    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if choice == "numpy":
+        return "numpy"
+    if choice not in ("", "numba"):
+        raise ValueError(f"{KERNELS_ENV} must be one of numpy, numba; got {choice!r}")
+    if _compiled_kernels() is not None:
+        return "numba"
+    if choice == "numba":
+        raise ImportError(f"{KERNELS_ENV}=numba, but numba cannot be imported (pip install numba, or set "
+                          f"{KERNELS_ENV}=numpy)")
+    return "numpy"
+
+
+def _compiled_sum(out: Any, values: Sequence[Any], accumulate: bool) -> Callable[[int, int], None] | None:
+    if out.size < COMPILED_MIN or kernel_backend() != "numba":
+        return None
+    return _compiled.prepare(out, values, accumulate)
 
 
 class Reducer:
@@ -50,6 +94,10 @@ class Reducer:
             return out
         flat_out = out.reshape(-1)
         flats = [v.reshape(-1) for v in values]
+        compiled = _compiled_sum(flat_out, flats, False)
+        if compiled is not None:
+            self._parallel(compiled, flat_out.size)
+            return out
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):
@@ -70,6 +118,10 @@ class Reducer:
             return out
         flat_out = out.reshape(-1)
         flats = [v.reshape(-1) for v in values]
+        compiled = _compiled_sum(flat_out, flats, True)
+        if compiled is not None:
+            self._parallel(compiled, flat_out.size)
+            return out
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):

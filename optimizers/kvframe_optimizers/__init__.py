@@ -11,6 +11,7 @@ from kvframe_optimizers import configs
 from kvframe_optimizers.base import KeyState, Optimizer
 from kvframe_optimizers.checkpoint import StatesFormatError
 from kvframe_optimizers.configs import *  # noqa: F403 - the config models
+from kvframe_optimizers.engine import kernel_backend
 from kvframe_optimizers.rules import RULES, create, create_optimizer
 from kvframe_optimizers.schedulers import (
     CosineScheduler,
@@ -30,4 +31,4 @@ def kvframe_register_optimizers(register):
 
 __all__ = ["RULES", "create", "create_optimizer", "Optimizer", "KeyState", "Updater", "StatesFormatError",
            "SchedulerConfig", "FactorScheduler", "MultiFactorScheduler", "PolyScheduler", "CosineScheduler",
-           "configs"]
+           "configs", "kernel_backend"]

@@ -9,10 +9,17 @@ On numpy a large array is cut into cache-sized blocks, so the kernel's many smal
 the CPU cache and main memory sees each array about once (as a fused kernel would), and the
 blocks are shared between the threads of kvframe's pool (numpy releases the GIL inside ufuncs).  On cupy (or anything
 not numpy) the kernel runs once over the whole arrays.
+
+A kernel marked with :func:`fused` has a compiled, one-pass counterpart in
+:mod:`kvframe_optimizers._kernels` (numba, optional).  ``KVFRAME_KERNELS`` picks the path: ``numba``
+(the default when numba can be imported) or ``numpy``; :func:`kernel_backend` says which one runs.
+The compiled step runs over ranges of the arrays on the same pool (its loops release the GIL); where
+it does not apply (cupy arrays, float16, mixed dtypes) the numpy kernel runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -24,6 +31,52 @@ from kvframe import parallel
 
 BLOCK = int(os.environ.get("KVFRAME_OPTIMIZER_BLOCK", 1 << 16))  # elements per block (256 KiB of float32)
 PARALLEL_MIN = 1 << 17  # arrays smaller than this run on the calling thread
+Kernel = Callable[[Any, Any, Sequence[Any], Sequence[Any]], Any]
+RANGE_UNIT = 1 << 12  # compiled kernels: ranges start on multiples of this many elements
+KERNELS_ENV = "KVFRAME_KERNELS"
+BACKENDS = ("numpy", "numba")
+
+_compiled: Any = None  # the _kernels module once imported; False when numba cannot be imported
+
+
+def _compiled_kernels() -> Any:
+    """The compiled kernels module, imported (with numba) on first use; None without numba."""
+    global _compiled
+    if _compiled is None:
+        try:
+            _compiled = importlib.import_module("kvframe_optimizers._kernels")
+        except Exception:  # numba missing, or unusable here (with this numpy, no cache directory...)
+            _compiled = False
+    return _compiled or None
+
+
+def kernel_backend() -> str:
+    """Which path runs the element-wise steps on numpy arrays: ``'numba'`` or ``'numpy'``.
+
+    ``KVFRAME_KERNELS=numpy|numba`` (read at every step, as the gradient codecs read it); unset or
+    empty: numba when it can be imported, else numpy.  ``numba`` where it cannot be imported raises
+    ImportError."""
+    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if choice == "numpy":
+        return "numpy"
+    if choice not in ("", "numba"):
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(BACKENDS)}; got {choice!r}")
+    if _compiled_kernels() is not None:
+        return "numba"
+    if choice == "numba":
+        raise ImportError(f"{KERNELS_ENV}=numba, but numba cannot be imported (pip install numba, or set "
+                          f"{KERNELS_ENV}=numpy)")
+    return "numpy"
+
+
+def fused(name: str) -> Callable[[Kernel], Kernel]:
+    """Mark a numpy kernel as having the compiled counterpart ``name`` in ``_kernels.PREPARE``."""
+
+    def mark(kernel: Kernel) -> Kernel:
+        kernel.fused = name  # type: ignore[attr-defined]
+        return kernel
+
+    return mark
 
 
 def _threads() -> int:
@@ -31,9 +84,6 @@ def _threads() -> int:
     if env:
         return max(1, int(env))
     return parallel.default_threads()
-
-
-Kernel = Callable[[Any, Any, Sequence[Any], Sequence[Any]], Any]
 
 
 class Runner:
@@ -63,6 +113,11 @@ class Runner:
             xp = _xp(first)
             tmps = [xp.empty(n, dtype=dtype) for _ in range(ntmp)]
             return kernel(xp, p, arrays, tmps)
+        name = getattr(kernel, "fused", None)
+        if name is not None and kernel_backend() == "numba":
+            call = _compiled.prepare(name, p, arrays)
+            if call is not None:
+                return self._run_compiled(call, n)
         if n <= self.block:
             return kernel(np, p, arrays, self._scratch(ntmp, dtype, n))
 
@@ -78,6 +133,13 @@ class Runner:
         parts = self.threads if n >= PARALLEL_MIN else 1
         # split on block boundaries so every block but the last is whole
         results = [r for r in parallel.run_ranges(work, n, parts, self.block) if r is not None]
+        if not results:
+            return None
+        return [sum(col) for col in zip(*results)]
+
+    def _run_compiled(self, call: Callable[[int, int], Any], n: int) -> Any:
+        parts = self.threads if n >= PARALLEL_MIN else 1
+        results = [r for r in parallel.run_ranges(call, n, parts, RANGE_UNIT) if r is not None]
         if not results:
             return None
         return [sum(col) for col in zip(*results)]

@@ -14,9 +14,10 @@ import numpy as np
 from kvframe.arrays import array_module
 from kvframe_optimizers import configs as C
 from kvframe_optimizers.base import KeyState, Optimizer, _scaled, grad_into, grad_wd_into, sum_sq
-from kvframe_optimizers.engine import runner
+from kvframe_optimizers.engine import fused, runner
 
 
+@fused("sgd")
 def _sgd_kernel(xp, p, a, t):
     """Plain or momentum SGD on flat views ``a = [w, g, (mom)]`` (shared by sgd, lars, lbsgd)."""
     w, g = a[0], a[1]
@@ -51,7 +52,9 @@ class SGD(Optimizer):
         p.momentum = self.config.momentum
         return p
 
-    kernel = staticmethod(_sgd_kernel)
+    # the same function object, so that its @fused mark stays (mypy cannot match a staticmethod() value
+    # to the base's static method)
+    kernel = staticmethod(_sgd_kernel)  # type: ignore[assignment]
 
 
 class NAG(SGD):
@@ -65,6 +68,7 @@ class NAG(SGD):
     ntmp = 3
 
     @staticmethod
+    @fused("nag")
     def kernel(xp, p, a, t):
         if len(a) == 2:
             return _sgd_kernel(xp, p, a, t)
@@ -319,6 +323,7 @@ class LAMB(Optimizer):
         runner().run(_axpy_kernel, p, [w.reshape(-1), u.reshape(-1)], 0, w.dtype)
 
     @staticmethod
+    @fused("lamb")
     def kernel(xp, p, a, t):
         w, g, m, v, u = a
         G, T = t
@@ -342,6 +347,7 @@ class LAMB(Optimizer):
         return sum_sq(xp, w), sum_sq(xp, u)
 
 
+@fused("axpy")
 def _axpy_kernel(xp, p, a, t):
     w, u = a  # u is a work buffer: scaled in place
     u *= p.scale
@@ -399,7 +405,8 @@ class SGLD(Optimizer):
     def _rng(self) -> np.random.Generator:
         rng = getattr(self, "_gen", None)
         if rng is None:
-            rng = self._gen = np.random.default_rng(self.config.seed)
+            rng = np.random.default_rng(self.config.seed)
+            self._gen: np.random.Generator | None = rng
             if "rng" in self.globals:
                 rng.bit_generator.state = self.globals["rng"]
         return rng
@@ -437,6 +444,7 @@ class Adam(Optimizer):
         return p
 
     @staticmethod
+    @fused("adam")
     def kernel(xp, p, a, t):
         w, g, m, v = a
         G, T = t
@@ -764,6 +772,7 @@ class AdamW(Optimizer):
         return p
 
     @staticmethod
+    @fused("adamw")
     def kernel(xp, p, a, t):
         w, g, m, v = a
         G, T = t
