@@ -5,6 +5,8 @@ several rounds) in one run.  Prints which path sums the copies (``KVFRAME_KERNEL
 sum or numpy's blocked adds), and ``% of floor``: the bytes an iteration must move (push: read the N
 copies, write the stored sum (one copy: a copy in); pull: read it, write the output) over this
 machine's one-thread copy bandwidth (``common.memory_bandwidth``), against the measured time.
+The "donated" rows push one copy with ``donate=True`` (the store keeps the array instead of copying
+it), against MXNet's one copy, which it keeps by reference.
 Usage: python benchmarks/bench_local.py [--quick] [--no-mxnet]
 """
 
@@ -75,11 +77,31 @@ def kvframe_times(quick: bool) -> dict:
             reps = reps_for(size)
             res[f"{size},{ndev}"] = best_time(step, max(2, reps // 10) if quick else reps)
             kv.close()
+        # one copy handed over (push(..., donate=True)): the store keeps it instead of copying; two
+        # gradients take turns, each pushed again only once the store has let go of it
+        kv = kvframe.create("local")
+        kv.init(0, np.zeros(size, np.float32))
+        grads = [np.ones(size, np.float32), np.ones(size, np.float32)]
+        out = np.zeros(size, np.float32)
+        turn = [0]
+
+        def donated(kv=kv, grads=grads, out=out, turn=turn):
+            turn[0] ^= 1
+            kv.push(0, grads[turn[0]], donate=True)
+            kv.pull(0, out=out)
+
+        reps = reps_for(size)
+        res[f"{size},donated"] = best_time(donated, max(2, reps // 10) if quick else reps)
+        kv.close()
     return res
 
 
-def bytes_moved(size: int, ndev: int) -> int:
-    """push: read the copies and write the stored value (one copy: read it, write it); pull: read + write."""
+def bytes_moved(size: int, ndev: int | str) -> int:
+    """push: read the copies and write the stored value (one copy: read it, write it; donated: nothing);
+    pull: read + write."""
+    if ndev == "donated":
+        return size * 4 * 2
+    assert isinstance(ndev, int)
     return size * 4 * ((ndev + 1 if ndev > 1 else 2) + 2)
 
 
@@ -92,11 +114,11 @@ def main(argv: list[str]) -> str:
     mx = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     rows = []
     for size in SIZES:
-        for ndev in NDEVS:
+        for ndev in [*NDEVS, "donated"]:
             k = f"{size},{ndev}"
             t = ours[k]
             moved = bytes_moved(size, ndev)
-            m = mx.get(k)
+            m = mx.get(k if ndev != "donated" else f"{size},1")  # MXNet keeps a reference to one copy
             rows.append([f"2^{size.bit_length() - 1}", ndev, f"{t * 1e6:.1f}", f"{moved / t / 1e9:.2f}",
                          floor_percent(moved, t, bandwidth), f"{m * 1e6:.1f}" if m else "-",
                          f"{m / t:.2f}x" if m else "-"])
