@@ -5,6 +5,18 @@ numpy arrays stands for 4 CPU contexts), push of the 4 copies + pull, 2^20 and 2
 no compression, '2bit' (threshold 0.5) and '1bit' (MXNet 1.9.1 has no '1bit': its column says so).
 GB/s counts the gradients pushed (4 copies x 4 bytes x size per iteration), as the anchor does.
 
+'% of floor' compares a time with the least memory traffic an iteration must move at this machine's
+memory bandwidth (``common.memory_bandwidth()``: a one-thread copy, reads + writes).  Per iteration,
+for ``n`` float32 values and 4 copies:
+
+* no compression: read the 4 gradients (16n bytes), write the merged value (4n), and the pull
+  reads it and writes the caller's array (8n): 28n bytes;
+* 2bit / 1bit: read the 4 gradients (16n), read and write the 4 residuals (32n), write the merged
+  value (4n; encode, decode and sum stay in cache, the payload never reaches memory), and the
+  pull's read + write (8n): 60n bytes (1.0 GB at 2^24).
+
+The CPU codecs' path (compiled numba kernels or numpy, ``KVFRAME_KERNELS``) is printed with the table.
+
 Usage: python benchmarks/bench_compression.py [--quick] [--no-mxnet]
 """
 
@@ -16,15 +28,29 @@ import sys
 import numpy as np
 
 try:
-    from benchmarks.common import ANCHORS, best_time, run_mxnet, table
+    from benchmarks.common import ANCHORS, best_time, floor_percent, memory_bandwidth, run_mxnet, table
 except ImportError:  # run as a script
-    from common import ANCHORS, best_time, run_mxnet, table
+    from common import ANCHORS, best_time, floor_percent, memory_bandwidth, run_mxnet, table
 
 import kvframe
 
 SIZES = [1 << 20, 1 << 24]
 COMPRESSIONS = [None, "2bit", "1bit"]
 NDEV = 4
+
+
+def bytes_moved(size: int, comp: str | None) -> int:
+    """The memory traffic one push + pull must move (see the module docstring)."""
+    return (28 if comp is None else 60) * size
+
+
+def kernel_path() -> str:
+    """Which CPU path the 2bit/1bit codecs run here (numba kernels or numpy)."""
+    try:
+        from kvframe_compressors import kernel_backend
+    except ImportError:
+        return "unknown"
+    return kernel_backend()
 
 
 def _mib(nbytes: int) -> str:
@@ -75,6 +101,7 @@ def mxnet_times() -> tuple[dict, str]:
 
 def main(argv: list[str]) -> str:
     quick = "--quick" in argv
+    bw = memory_bandwidth()
     ours, wire = kvframe_times(quick)
     mx, notes = mxnet_times() if "--no-mxnet" not in argv else ({}, "")
     rows = []
@@ -84,13 +111,16 @@ def main(argv: list[str]) -> str:
             m = mx.get((size, comp))
             gb = NDEV * size * 4 / 1e9
             sent = wire[(size, comp)]
+            moved = bytes_moved(size, comp)
             rows.append([f"2^{size.bit_length() - 1}", comp or "none", f"{_mib(sent)} ({size * 4 // sent}x)",
-                         f"{t * 1e3:.2f}", f"{gb / t:.2f}",
-                         f"{m * 1e3:.2f}" if m else "-", f"{gb / m:.2f}" if m else "-",
+                         f"{moved / 1e6:.0f}", f"{t * 1e3:.2f}", f"{gb / t:.2f}", floor_percent(moved, t, bw),
+                         f"{m * 1e3:.2f}" if m else "-", floor_percent(moved, m, bw) if m else "-",
                          f"{m / t:.1f}x" if m else "-"])
     text = ("### device store, 4 CPU copies: push + pull, float32 (ms per iteration; GB/s of gradients pushed)\n\n"
-            + table(["size", "compression", "sent per copy", "kvframe ms/iter", "kvframe GB/s", "MXNet 1.9.1 ms/iter",
-                     "MXNet GB/s", "speed-up"], rows))
+            f"CPU codec path: {kernel_path()}; memory floor: {bw / 1e9:.1f} GB/s (one-thread copy, read + write); "
+            "'MB moved': the traffic an iteration must move (module docstring)\n\n"
+            + table(["size", "compression", "sent per copy", "MB moved", "kvframe ms/iter", "kvframe GB/s",
+                     "kvframe % of floor", "MXNet 1.9.1 ms/iter", "MXNet % of floor", "speed-up"], rows))
     if notes:
         text += f"\n\nMXNet 1.9.1: {notes}"
     print(text)

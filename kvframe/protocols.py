@@ -106,6 +106,16 @@ class FusedBlockCodec(BlockCodec, Protocol):
 
 
 @runtime_checkable
+class FusedSumCodec(FusedBlockCodec, Protocol):
+    """A :class:`FusedBlockCodec` that also sums several copies in one pass over a block:
+    ``out (+)= sum of decode(encode(grads[i], residuals[i]))``, added in copy order (the same values
+    as ``encode_decode_into`` per copy)."""
+
+    def encode_decode_sum_into(self, grads: Sequence[Array], residuals: Sequence[Array], out: Array,
+                               accumulate: bool = False) -> None: ...
+
+
+@runtime_checkable
 class Transport(Protocol):
     """Moves messages between the processes of a distributed job; knows nothing of their meaning.
 

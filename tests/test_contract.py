@@ -26,8 +26,8 @@ def test_compressors_declare_what_the_device_store_fuses(name, fused):
     assert (comp.block_multiple is not None) == (name != "topk")
     with pytest.raises((TypeError, ValueError)):
         comp.check_dtype(np.dtype("int64"))
-    if fused and hasattr(comp, "encode_decode_into"):
-        assert isinstance(comp, protocols.FusedBlockCodec)
+    if fused:
+        assert isinstance(comp, protocols.FusedBlockCodec) and isinstance(comp, protocols.FusedSumCodec)
 
 
 def test_own_states_format_is_part_of_the_store_contract():

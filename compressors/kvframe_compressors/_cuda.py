@@ -91,3 +91,28 @@ def decode_1bit(payload: Any, out: Any, accumulate: bool) -> Any:
                                    (_contig(payload), o, np.int64(o.size), np.int32(accumulate)))
 
     return _decode(payload, out, launch)
+
+
+def _encode_decode(name: str, grad: Any, residual: Any, out: Any, t: np.float32, accumulate: bool) -> Any:
+    """``out (+)= decode(encode(grad, residual))`` in one kernel, without a payload."""
+    r = _check_residual(residual)
+    _same_device(grad, residual, "the gradient and its residual")
+    _same_device(grad, out, "the gradient and the output")
+    with grad.device:
+        g = _contig(grad)
+        target = out if out.flags.c_contiguous else (cupy.ascontiguousarray(out) if accumulate else
+                                                     cupy.empty(out.shape, out.dtype))
+        if g.size:
+            _kernel(name)(_grid(g.size), (_THREADS,),
+                          (g, r, target, np.int64(g.size), np.float32(t), np.int32(bool(accumulate))))
+        if target is not out:
+            out[...] = target
+        return out
+
+
+def encode_decode_2bit(grad: Any, residual: Any, out: Any, t: np.float32, accumulate: bool) -> Any:
+    return _encode_decode("kvf_encode_decode_2bit", grad, residual, out, t, accumulate)
+
+
+def encode_decode_1bit(grad: Any, residual: Any, out: Any, t: np.float32, accumulate: bool) -> Any:
+    return _encode_decode("kvf_encode_decode_1bit", grad, residual, out, t, accumulate)

@@ -1,7 +1,8 @@
 """CUDA C source of the 2bit/1bit kernels (kept apart from cupy so it can be checked anywhere).
 
-One encode thread per payload byte (4 or 8 values, no atomics); one decode thread per value;
-grid-stride loops.  Only float32 additions, subtractions and comparisons, in the CPU order.
+One encode thread per payload byte (4 or 8 values, no atomics); one decode thread per value; one
+thread per value for the one-pass encode + decode (no payload); grid-stride loops.  Only float32
+additions, subtractions and comparisons, in the CPU order.
 """
 
 SOURCE = r"""
@@ -73,6 +74,32 @@ void kvf_decode_1bit(const unsigned char* __restrict__ in, float* __restrict__ o
          i += (long long)blockDim.x * gridDim.x) {
         const float v = ((in[i >> 3] >> (7 - (int)(i & 7))) & 1u) ? 1.0f : -1.0f;
         out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
+extern "C" __global__
+void kvf_encode_decode_2bit(const float* __restrict__ g, float* __restrict__ r, float* __restrict__ out,
+                            const long long n, const float t, const int accumulate) {
+    const float neg_t = -t;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const float v = r[i] + g[i];
+        const float d = v >= t ? t : (v <= neg_t ? neg_t : 0.0f);
+        r[i] = v - d;
+        out[i] = accumulate ? out[i] + d : d;
+    }
+}
+
+extern "C" __global__
+void kvf_encode_decode_1bit(const float* __restrict__ g, float* __restrict__ r, float* __restrict__ out,
+                            const long long n, const float t, const int accumulate) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const float v = r[i] + g[i];
+        const bool bit = v > t;
+        r[i] = bit ? v - 1.0f : v + 1.0f;
+        const float d = bit ? 1.0f : -1.0f;
+        out[i] = accumulate ? out[i] + d : d;
     }
 }
 """

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from kvframe.arrays import array_module
-from kvframe_compressors import _blocks
+from kvframe.errors import ShapeMismatchError
+from kvframe_compressors import _blocks, _kernels
 from kvframe_compressors._blocks import BLOCK, flat_inplace, flat_input, run_ranges, scratch
 from kvframe_compressors.base import BaseCompressor
 
@@ -54,7 +55,7 @@ _RAW = np.float32(-1)  # rms payload header: raw float32 values follow
 
 class TwoBit(BaseCompressor):
     name = "2bit"
-    block_multiple = 16
+    block_multiple: int | None = 16
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -96,6 +97,15 @@ class TwoBit(BaseCompressor):
         used = -(-n // 4)
         out[used:] = 0
         v = t if v is None else v
+        k = _kernels.numba_kernels()
+        if k is not None:
+            src, use_g = (r, False) if g is None else (g, True)
+
+            def kernel(lo: int, hi: int) -> None:
+                k.encode_2bit(src[lo:hi], r[lo:hi], out[lo >> 2:(hi + 3) >> 2], t, v, use_g)
+
+            run_ranges(kernel, n)
+            return
         if n <= BLOCK:
             self._encode_block(r, g, out[:used], t, neg_t, v)
             return
@@ -219,7 +229,7 @@ class TwoBit(BaseCompressor):
             from kvframe_compressors import _cuda
 
             return _cuda.decode_2bit(p, out, self.threshold, accumulate)
-        return self._decode_codes(p, out, accumulate, self._lut)
+        return self._decode_codes(p, out, accumulate, self.threshold, self._lut)
 
     def _decode_rms(self, payload: Any, out: Any, accumulate: bool) -> Any:
         xp = array_module(out)
@@ -250,12 +260,35 @@ class TwoBit(BaseCompressor):
             from kvframe_compressors import _cuda
 
             return _cuda.decode_2bit(body, out, t, accumulate)
-        return self._decode_codes(body, out, accumulate, _lut_2bit(t))
+        return self._decode_codes(body, out, accumulate, t)
 
-    def _decode_codes(self, p: np.ndarray, out: np.ndarray, accumulate: bool, lut: np.ndarray) -> np.ndarray:
+    def _decode_codes(self, p: np.ndarray, out: np.ndarray, accumulate: bool, t: np.float32,
+                      lut: np.ndarray | None = None) -> np.ndarray:
         target = out if out.flags.c_contiguous and out.flags.writeable else np.empty(out.shape, out.dtype)
         o = target.reshape(-1)
         n = o.size
+        k = _kernels.numba_kernels()
+        if k is not None:
+            pc, acc = np.ascontiguousarray(p), bool(accumulate)
+
+            def work(lo: int, hi: int) -> None:
+                k.decode_2bit(pc[lo >> 2:(hi + 3) >> 2], o[lo:hi], t, acc)
+        else:
+            work = self._decode_blocks(p, o, accumulate, _lut_2bit(t) if lut is None else lut)
+
+        if accumulate and target is not out:
+            target[...] = out
+        if n <= BLOCK:
+            work(0, n)
+        else:
+            run_ranges(work, n)
+        if target is not out:
+            out[...] = target
+        return out
+
+    @staticmethod
+    def _decode_blocks(p: np.ndarray, o: np.ndarray, accumulate: bool, lut: np.ndarray):
+        """The numpy decoder of ``o``'s range [lo, hi), block by block, through the byte table."""
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, BLOCK):
@@ -272,15 +305,91 @@ class TwoBit(BaseCompressor):
                 else:
                     dst[:] = tmp[: e - s]
 
-        if accumulate and target is not out:
-            target[...] = out
-        if n <= BLOCK:
-            work(0, n)
-        else:
-            run_ranges(work, n)
-        if target is not out:
-            out[...] = target
+        return work
+
+    # encode + decode in one pass -------------------------------------------------------------
+    def encode_decode_into(self, grad: Any, residual: Any, out: Any, accumulate: bool = False) -> Any:
+        """``out (+)= decode(encode(grad, residual))``, the residual updated: bit-identical to
+        ``decode(encode(grad, residual), out, accumulate)``; one pass without a payload on the
+        compiled path (and on cupy), else exactly that."""
+        if self.rms:
+            return self.decode(self.encode(grad, residual), out, accumulate=accumulate)
+        return _encode_decode(self, "encode_decode_2bit", grad, residual, out, accumulate)
+
+    def encode_decode_sum_into(self, grads: Any, residuals: Any, out: Any, accumulate: bool = False) -> Any:
+        """``out (+)= sum of decode(encode(grads[i], residuals[i]))``, added in copy order: bit-identical
+        to ``encode_decode_into`` per copy (the first assigns unless ``accumulate``), in one pass."""
+        return _encode_decode_sum(self, "encode_decode_sum_2bit", grads, residuals, out, accumulate)
+
+
+_F32 = np.dtype(np.float32)
+
+
+def _encode_decode(comp: Any, kernel: str, grad: Any, residual: Any, out: Any, accumulate: bool) -> Any:
+    """The one-pass encode + decode of ``comp`` (its compiled ``kernel``), or its two steps."""
+    k = _kernels.numba_kernels()
+    if (k is not None and type(grad) is np.ndarray and type(residual) is np.ndarray and type(out) is np.ndarray
+            and grad.dtype is _F32 and residual.dtype is _F32 and out.dtype is _F32
+            and grad.ndim == 1 and grad.shape == residual.shape == out.shape and grad.size < _blocks.PARALLEL_MIN
+            and grad.flags.c_contiguous and residual.flags.c_contiguous and out.flags.c_contiguous
+            and residual.flags.writeable and out.flags.writeable):
+        # the store's fused path: one cache block of flat float32 arrays; checked, so call at once
+        getattr(k, kernel)(grad, residual, out, comp.threshold, bool(accumulate))
         return out
+    comp._check_pair(grad, residual)
+    comp.check_dtype(out.dtype, "output")
+    if out.size != grad.size:
+        raise ShapeMismatchError(f"{comp.name}: the output has {out.size} elements, the gradient {grad.size}")
+    if array_module(out) is not array_module(grad):
+        raise TypeError(f"{comp.name}: the output and the gradient must both be numpy or both cupy arrays")
+    if array_module(grad) is not np:
+        from kvframe_compressors import _cuda
+
+        return getattr(_cuda, kernel)(grad, residual, out, comp.threshold, accumulate)
+    k = _kernels.numba_kernels()
+    if k is None:
+        return comp.decode(comp.encode(grad, residual), out, accumulate=accumulate)
+    fn = getattr(k, kernel)
+    g, r = flat_input(grad), flat_inplace(residual, "residual")
+    direct = out.flags.c_contiguous and out.flags.writeable
+    target = out if direct else (np.array(out, order="C") if accumulate else np.empty(out.shape, out.dtype))
+    o, t, acc = target.reshape(-1), comp.threshold, bool(accumulate)
+
+    def work(lo: int, hi: int) -> None:
+        fn(g[lo:hi], r[lo:hi], o[lo:hi], t, acc)
+
+    run_ranges(work, g.size)
+    if not direct:
+        out[...] = target
+    return out
+
+
+def _plain_f32(x: Any, shape: tuple) -> bool:
+    """A writeable 1-D C-contiguous float32 numpy array of ``shape`` (what the kernels take as is)."""
+    return (type(x) is np.ndarray and x.dtype is _F32 and x.shape == shape and x.flags.c_contiguous
+            and x.flags.writeable)
+
+
+def _encode_decode_sum(comp: Any, kernel: str, grads: Any, residuals: Any, out: Any, accumulate: bool) -> Any:
+    """The one-pass merge of several copies (compiled ``kernel``), or ``encode_decode_into`` per copy."""
+    grads, residuals = list(grads), list(residuals)
+    if len(grads) != len(residuals) or not grads:
+        raise ValueError(f"{comp.name}: encode_decode_sum_into needs one residual per gradient, at least one; "
+                         f"got {len(grads)} gradients and {len(residuals)} residuals")
+    k = _kernels.numba_kernels()
+    shape = (out.size,)
+    if (k is not None and not getattr(comp, "rms", False) and _plain_f32(out, out.shape) and out.ndim == 1
+            and all(_plain_f32(a, shape) for a in grads) and all(_plain_f32(a, shape) for a in residuals)):
+        fn, t, acc = getattr(k, kernel), comp.threshold, bool(accumulate)
+
+        def work(lo: int, hi: int) -> None:
+            fn(tuple(g[lo:hi] for g in grads), tuple(r[lo:hi] for r in residuals), out[lo:hi], t, acc)
+
+        run_ranges(work, out.size)
+        return out
+    for i, (g, r) in enumerate(zip(grads, residuals)):
+        comp.encode_decode_into(g, r, out, accumulate or i > 0)
+    return out
 
 
 class OneBit(BaseCompressor):
@@ -308,8 +417,12 @@ class OneBit(BaseCompressor):
         out = np.empty(self.compressed_nbytes(n), np.uint8)
         out[-(-n // 8):] = 0
         t = self.threshold
+        k = _kernels.numba_kernels()
 
         def work(lo: int, hi: int) -> None:
+            if k is not None:
+                k.encode_1bit(g[lo:hi], r[lo:hi], out[lo >> 3:(hi + 7) >> 3], t)
+                return
             for s in range(lo, hi, BLOCK):
                 e = min(s + BLOCK, hi)
                 self._encode_block(r[s:e], g[s:e], out[s // 8:-(-e // 8)], t)
@@ -347,8 +460,15 @@ class OneBit(BaseCompressor):
         o = target.reshape(-1)
         n = o.size
         lut = self._lut
+        k = _kernels.numba_kernels()
+        if k is not None:
+            p = np.ascontiguousarray(p)
+            accumulate = bool(accumulate)
 
         def work(lo: int, hi: int) -> None:
+            if k is not None:
+                k.decode_1bit(p[lo >> 3:(hi + 7) >> 3], o[lo:hi], accumulate)
+                return
             for s in range(lo, hi, BLOCK):
                 e = min(s + BLOCK, hi)
                 src = p[s // 8:-(-e // 8)]
@@ -373,6 +493,17 @@ class OneBit(BaseCompressor):
         if target is not out:
             out[...] = target
         return out
+
+    def encode_decode_into(self, grad: Any, residual: Any, out: Any, accumulate: bool = False) -> Any:
+        """``out (+)= decode(encode(grad, residual))``, the residual updated: bit-identical to
+        ``decode(encode(grad, residual), out, accumulate)``; one pass without a payload on the
+        compiled path (and on cupy), else exactly that."""
+        return _encode_decode(self, "encode_decode_1bit", grad, residual, out, accumulate)
+
+    def encode_decode_sum_into(self, grads: Any, residuals: Any, out: Any, accumulate: bool = False) -> Any:
+        """``out (+)= sum of decode(encode(grads[i], residuals[i]))``, added in copy order: bit-identical
+        to ``encode_decode_into`` per copy (the first assigns unless ``accumulate``), in one pass."""
+        return _encode_decode_sum(self, "encode_decode_sum_1bit", grads, residuals, out, accumulate)
 
 
 __all__ = ["TwoBit", "OneBit", "_blocks"]

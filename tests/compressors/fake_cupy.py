@@ -183,7 +183,8 @@ extern "C" void kvf_set_grid(unsigned b, unsigned t, unsigned bs, unsigned gs) {
 _libs: dict = {}
 # argument kinds: p pointer, q long long, f float, i int
 _SIGNATURES = {"kvf_encode_2bit": "pppqqf", "kvf_encode_1bit": "pppqqf",
-               "kvf_decode_2bit": "ppqfi", "kvf_decode_1bit": "ppqi"}
+               "kvf_decode_2bit": "ppqfi", "kvf_decode_1bit": "ppqi",
+               "kvf_encode_decode_2bit": "pppqfi", "kvf_encode_decode_1bit": "pppqfi"}
 
 
 class _Function:

@@ -37,6 +37,28 @@ def test_quantizers_bit_identical_on_gpu(cp, make, name, options, n):
         np.testing.assert_array_equal(cp.asnumpy(out_cp), out_np)
 
 
+@pytest.mark.parametrize("name, options", [("2bit", {"threshold": 0.5}), ("1bit", {"threshold": -0.5}),
+                                           ("1bit", {"threshold": 0.25})])
+@pytest.mark.parametrize("n", [1, 17, 1000, (1 << 18) + 3])
+def test_encode_decode_into_on_gpu(cp, make, name, options, n):
+    """The one-kernel encode + decode equals the numpy path's decode(encode()), accumulate both ways."""
+    comp = make(name, **options)
+    rng = np.random.default_rng(n)
+    res_np, res_cp = np.zeros(n, np.float32), cp.zeros(n, cp.float32)
+    out_np = np.full(n, 0.5, np.float32)
+    out_cp = cp.asarray(out_np)
+    for step in range(4):
+        g = (rng.standard_normal(n) * 0.5).astype(np.float32)
+        g[::3] = np.float32(options["threshold"])
+        if step == 2:
+            g[1::50], g[2::70] = np.nan, np.inf
+        acc = step > 0
+        comp.decode(comp.encode(g, res_np), out_np, accumulate=acc)
+        assert comp.encode_decode_into(cp.asarray(g), res_cp, out_cp, accumulate=acc) is out_cp
+        np.testing.assert_array_equal(cp.asnumpy(res_cp).view(np.uint32), res_np.view(np.uint32))
+        np.testing.assert_array_equal(cp.asnumpy(out_cp).view(np.uint32), out_np.view(np.uint32))
+
+
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_casts_bit_identical_on_gpu(cp, make, name):
     comp = make(name)

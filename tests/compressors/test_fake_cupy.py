@@ -9,6 +9,7 @@ from test_cupy import (  # noqa: F401 - collected here with the fake `cp` below
     test_casts_bit_identical_on_gpu,
     test_device_store_hand_checked_sequence_on_gpu,
     test_device_store_on_gpus_matches_numpy,
+    test_encode_decode_into_on_gpu,
     test_quantizers_bit_identical_on_gpu,
     test_topk_on_gpu_conserves_mass,
 )

@@ -275,15 +275,20 @@ class DeviceStore(InProcessUpdates, StoreBackend):
 
     def _fused_host(self, comp: Any, flats: list, res: list, out: np.ndarray, multiple: int) -> None:
         """Encode, decode and sum block by block, each block staying in cache.  A codec with
-        ``encode_decode_into`` does the three in one pass per copy (a compiled kernel)."""
+        ``encode_decode_sum_into`` does it for every copy in one pass over a block, one with
+        ``encode_decode_into`` in one pass per copy (compiled kernels)."""
         n = out.size
         block = math.ceil(self.config.block / multiple) * multiple
+        fused_sum = getattr(comp, "encode_decode_sum_into", None)
         fused = getattr(comp, "encode_decode_into", None)
 
         def work(lo: int, hi: int) -> None:
             for s in range(lo, hi, block):
                 e = min(s + block, hi)
                 o = out[s:e]
+                if fused_sum is not None:  # every copy in one pass over the block
+                    fused_sum([g[s:e] for g in flats], [r[s:e] for r in res], o)
+                    continue
                 for i, g in enumerate(flats):
                     if fused is not None:
                         fused(g[s:e], res[i][s:e], o, i > 0)
