@@ -41,8 +41,10 @@ test: $(TEST_STAMP)
 wheels: | $(PY)
 	$(PY) tools/build_wheels.py --out $(WHEELHOUSE)
 
+# ruff, then the type check (CI runs both; each must be clean)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvframe backends transports launcher compressors optimizers integrations tests benchmarks examples
+	$(MAKE) --no-print-directory typecheck
 
 # every package of the repository, as [tool.mypy] in pyproject.toml lists them
 typecheck: $(STAMP)
