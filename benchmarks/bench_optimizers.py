@@ -72,9 +72,11 @@ def kernel_paths(wanted: str | None) -> list[str]:
     """The kernel paths to time: ``wanted`` (comma-separated), else numba (where it imports) and numpy."""
     from kvframe_optimizers import engine
 
+    from kvframe import kernels
+
     if wanted:
         return [w.strip() for w in wanted.split(",") if w.strip()]
-    return (["numba"] if engine._compiled_kernels() is not None else []) + ["numpy"]
+    return (["numba"] if kernels.compiled(engine.COMPILED) is not None else []) + ["numpy"]
 
 
 def bench_kvframe(n: int, reps: int, rounds: int, path: str | None = None) -> dict[str, float]:

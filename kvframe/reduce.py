@@ -14,54 +14,28 @@ can be imported); :func:`kernel_backend` says which runs.  kvframe does not requ
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from kvframe import parallel
+from kvframe import kernels, parallel
 from kvframe.arrays import RowSparseArray, array_module
 
 BLOCK = 1 << 15  # elements per cache block (128 KiB of float32)
 COMPILED_MIN = 1 << 12  # smaller sums stay on numpy (the compiled call's fixed cost is larger there)
-KERNELS_ENV = "KVFRAME_KERNELS"
-
-_compiled: Any = None  # kvframe._reduce_kernels once imported; False without numba
-
-
-def _compiled_kernels() -> Any:
-    global _compiled
-    if _compiled is None:
-        try:
-            _compiled = importlib.import_module("kvframe._reduce_kernels")
-        except Exception:  # numba missing, or unusable here (with this numpy, no cache directory...)
-            _compiled = False
-    return _compiled or None
+COMPILED = "kvframe._reduce_kernels"
 
 
 def kernel_backend() -> str:
-    """Which path sums numpy arrays: ``'numba'`` or ``'numpy'``.  ``KVFRAME_KERNELS=numpy|numba``
-    (read at every call); unset or empty: numba when it can be imported.  ``numba`` where it
-    cannot be imported raises ImportError."""
-    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if choice == "numpy":
-        return "numpy"
-    if choice not in ("", "numba"):
-        raise ValueError(f"{KERNELS_ENV} must be one of numpy, numba; got {choice!r}")
-    if _compiled_kernels() is not None:
-        return "numba"
-    if choice == "numba":
-        raise ImportError(f"{KERNELS_ENV}=numba, but numba cannot be imported (pip install numba, or set "
-                          f"{KERNELS_ENV}=numpy)")
-    return "numpy"
+    """Which path sums numpy arrays: ``'numba'`` or ``'numpy'`` (``KVFRAME_KERNELS``, see
+    :mod:`kvframe.kernels`)."""
+    return kernels.backend(COMPILED)
 
 
 def _compiled_sum(out: Any, values: Sequence[Any], accumulate: bool) -> Callable[[int, int], None] | None:
-    if out.size < COMPILED_MIN or kernel_backend() != "numba":
-        return None
-    return _compiled.prepare(out, values, accumulate)
+    mod = kernels.compiled(COMPILED) if out.size >= COMPILED_MIN else None
+    return None if mod is None else mod.prepare(out, values, accumulate)
 
 
 class Reducer:

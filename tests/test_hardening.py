@@ -213,7 +213,8 @@ def test_init_refuses_a_dtype_the_store_cannot_sum(store_type, name):
     msg = str(info.value)
     assert msg.startswith(f"key 'k': the value has dtype {bad.dtype}, which a store cannot sum")
     assert "accepted dtypes: bool, int8/16/32/64, uint8/16/32/64, float16/32/64" in msg
-    assert kv.keys() == ["ok"] and "fresh" not in kv.backend._values and "k" not in kv.backend._values  # neither key was stored
+    # neither key was stored
+    assert kv.keys() == ["ok"] and "fresh" not in kv.backend._values and "k" not in kv.backend._values
     out = np.zeros(4, f32)
     with pytest.raises(DTypeMismatchError, match=re.escape(f"key 'ok': pushed value has dtype {bad.dtype}")):
         kv.push("ok", bad)

@@ -195,8 +195,8 @@ def test_row_ids_as_a_list_of_ints_gets_a_clear_error(kv):
 
     kv.init("emb", np.arange(12, dtype=np.float32).reshape(6, 2))
     out = RowSparseArray.zeros((6, 2))
-    with pytest.raises(TypeError, match=r"key 'emb': row_ids must be arrays of row numbers.*got int \(a list of row numbers\? "
-                                        r"pass np.array"):
+    with pytest.raises(TypeError, match=r"key 'emb': row_ids must be arrays of row numbers.*got int "
+                                        r"\(a list of row numbers\? pass np.array"):
         kv.row_sparse_pull("emb", out=out, row_ids=[0, 2])  # MXNet refuses it too
     kv.row_sparse_pull("emb", out=out, row_ids=np.array([0, 2]))
     assert out.indices.tolist() == [0, 2] and out.data.tolist() == [[0, 1], [4, 5]]

@@ -7,8 +7,8 @@ numbers (partial sums of squares, say) has them added up over the pieces.
 
 On numpy a large array is cut into cache-sized blocks, so the kernel's many small passes run in
 the CPU cache and main memory sees each array about once (as a fused kernel would), and the
-blocks are shared between the threads of kvframe's pool (numpy releases the GIL inside ufuncs).  On cupy (or anything
-not numpy) the kernel runs once over the whole arrays.
+blocks are shared between the threads of kvframe's pool (numpy releases the GIL inside ufuncs).
+On cupy (or anything not numpy) the kernel runs once over the whole arrays.
 
 A kernel marked with :func:`fused` has a compiled, one-pass counterpart in
 :mod:`kvframe_optimizers._kernels` (numba, optional).  ``KVFRAME_KERNELS`` picks the path: ``numba``
@@ -19,7 +19,6 @@ it does not apply (cupy arrays, float16, mixed dtypes) the numpy kernel runs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -27,46 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from kvframe import parallel
+from kvframe import kernels, parallel
 
 BLOCK = int(os.environ.get("KVFRAME_OPTIMIZER_BLOCK", 1 << 16))  # elements per block (256 KiB of float32)
 PARALLEL_MIN = 1 << 17  # arrays smaller than this run on the calling thread
 Kernel = Callable[[Any, Any, Sequence[Any], Sequence[Any]], Any]
 RANGE_UNIT = 1 << 12  # compiled kernels: ranges start on multiples of this many elements
-KERNELS_ENV = "KVFRAME_KERNELS"
-BACKENDS = ("numpy", "numba")
-
-_compiled: Any = None  # the _kernels module once imported; False when numba cannot be imported
-
-
-def _compiled_kernels() -> Any:
-    """The compiled kernels module, imported (with numba) on first use; None without numba."""
-    global _compiled
-    if _compiled is None:
-        try:
-            _compiled = importlib.import_module("kvframe_optimizers._kernels")
-        except Exception:  # numba missing, or unusable here (with this numpy, no cache directory...)
-            _compiled = False
-    return _compiled or None
+COMPILED = "kvframe_optimizers._kernels"
 
 
 def kernel_backend() -> str:
-    """Which path runs the element-wise steps on numpy arrays: ``'numba'`` or ``'numpy'``.
-
-    ``KVFRAME_KERNELS=numpy|numba`` (read at every step, as the gradient codecs read it); unset or
-    empty: numba when it can be imported, else numpy.  ``numba`` where it cannot be imported raises
-    ImportError."""
-    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if choice == "numpy":
-        return "numpy"
-    if choice not in ("", "numba"):
-        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(BACKENDS)}; got {choice!r}")
-    if _compiled_kernels() is not None:
-        return "numba"
-    if choice == "numba":
-        raise ImportError(f"{KERNELS_ENV}=numba, but numba cannot be imported (pip install numba, or set "
-                          f"{KERNELS_ENV}=numpy)")
-    return "numpy"
+    """Which path runs the element-wise steps on numpy arrays: ``'numba'`` or ``'numpy'``
+    (``KVFRAME_KERNELS``, see :mod:`kvframe.kernels`)."""
+    return kernels.backend(COMPILED)
 
 
 def fused(name: str) -> Callable[[Kernel], Kernel]:
@@ -114,8 +86,9 @@ class Runner:
             tmps = [xp.empty(n, dtype=dtype) for _ in range(ntmp)]
             return kernel(xp, p, arrays, tmps)
         name = getattr(kernel, "fused", None)
-        if name is not None and kernel_backend() == "numba":
-            call = _compiled.prepare(name, p, arrays)
+        compiled = kernels.compiled(COMPILED) if name is not None else None
+        if compiled is not None:
+            call = compiled.prepare(name, p, arrays)
             if call is not None:
                 return self._run_compiled(call, n)
         if n <= self.block:

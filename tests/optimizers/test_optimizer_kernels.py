@@ -7,6 +7,7 @@ agree to 1e-6 relative.  Both paths agree with optref's float64 formulas to 5e-5
 tolerance of test_rules.py).
 """
 
+import importlib
 import sys
 
 import kvframe_optimizers
@@ -15,6 +16,7 @@ import pytest
 from kvframe_optimizers import create_optimizer, engine, kernel_backend
 from optref import reference
 
+import kvframe.kernels
 from kvframe.arrays import RowSparseArray
 
 SIZES = [1, 1000, (1 << 16) + 3, (1 << 18) + 7]
@@ -45,7 +47,7 @@ EXACT = {"sgd", "nag", "lars", "lbsgd", "adam", "adamw"}  # bit-identical to the
 def numba_kernels():
     """The compiled kernels module; skips where numba cannot be imported."""
     pytest.importorskip("numba")
-    mod = engine._compiled_kernels()
+    mod = importlib.import_module(engine.COMPILED)  # whatever KVFRAME_KERNELS says
     assert mod is not None
     return mod
 
@@ -216,7 +218,7 @@ def test_without_numba_the_numpy_path_runs(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
     monkeypatch.delitem(sys.modules, "kvframe_optimizers._kernels", raising=False)
     monkeypatch.delattr(kvframe_optimizers, "_kernels", raising=False)
-    monkeypatch.setattr(engine, "_compiled", None)
+    monkeypatch.setattr(kvframe.kernels, "_modules", {})
     monkeypatch.setenv("KVFRAME_KERNELS", "numba")
     with pytest.raises(ImportError, match="KVFRAME_KERNELS=numba"):
         kernel_backend()
