@@ -143,3 +143,13 @@ class RowSparseArray:
 
     def __repr__(self) -> str:
         return f"RowSparseArray(shape={self.shape}, dtype={self.dtype}, rows={self.indices.shape[0]})"
+
+
+def to_host(value: Any) -> Any:
+    """``value`` in host memory: a numpy copy of a GPU array (data and indices of a row-sparse
+    one); host values as they are."""
+    if isinstance(value, RowSparseArray):
+        if array_module(value.data) is np:
+            return value
+        return RowSparseArray(value.data.get(), value.indices.get(), value.shape)
+    return value if array_module(value) is np else value.get()

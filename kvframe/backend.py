@@ -113,6 +113,7 @@ class StoreBackend:
         raise NotImplementedError
 
     def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+        # every key's reduction finishes before any output is written: outs may alias the inputs
         self.push(keys, values, priority)
         return self.pull(keys, outs, priority)
 

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from kvframe import parallel, timeline
-from kvframe.arrays import RowSparseArray, array_module
+from kvframe.arrays import RowSparseArray, array_module, to_host
 from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import DTypeMismatchError
 from kvframe.keyvalues import InProcessStoreConfig, KeyValues, group_by_key
@@ -54,15 +54,6 @@ def _dense(value: Any) -> Any:
         return value.todense()
     with value.data.device:
         return value.todense()
-
-
-def _to_host(value: Any) -> Any:
-    """``value`` in host memory (numpy data), dense or row-sparse."""
-    if isinstance(value, RowSparseArray):
-        if device_id(value.data) is None:
-            return value
-        return RowSparseArray(value.data.get(), value.indices.get(), value.shape)
-    return value if device_id(value) is None else value.get()
 
 
 def _memory(dev: tuple) -> int | None:
@@ -180,7 +171,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
         if self._compressor is not None and not sparse:
             self._compressed_push(key, vals)
         elif host or (sparse and device_id(held) is None):
-            self._values.push_on_host(key, [_to_host(v) for v in vals])
+            self._values.push_on_host(key, [to_host(v) for v in vals])
         else:
             self._values.apply(key, self._on_held_device(key, self._device_merge(key, vals)))
 
@@ -211,7 +202,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
         mem = device_id(self._values[key])
         if isinstance(merged, RowSparseArray):
             if mem is None:
-                return _to_host(merged)
+                return to_host(merged)
             return RowSparseArray(to_device(merged.data, mem), to_device(merged.indices, mem), merged.shape)
         return to_device(merged, mem) if device_id(merged) != mem else merged
 
@@ -314,11 +305,6 @@ class DeviceStore(InProcessUpdates, StoreBackend):
                 else:
                     copy_into(o, held)
         return COMPLETED
-
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
-        # every reduction finishes before any output is written: outs may alias the inputs
-        self.push(keys, values, priority)
-        return self.pull(keys, outs, priority)
 
     def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
         for k, os_, ids in zip(keys, outs, row_ids):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kvframe.arrays import RowSparseArray, array_module
+from kvframe.arrays import RowSparseArray, to_host
 from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
 from kvframe.errors import NotSupportedError
 from kvframe.keyvalues import InProcessStoreConfig, KeyValues, group_by_key
@@ -15,15 +15,6 @@ from kvframe.reduce import Reducer
 
 class LocalConfig(InProcessStoreConfig):
     type: Literal["local"] = "local"
-
-
-def to_host(value: Any) -> Any:
-    """A host (numpy) copy of a GPU array or row-sparse array; host values as they are."""
-    if isinstance(value, RowSparseArray):
-        if array_module(value.data) is np:
-            return value
-        return RowSparseArray(value.data.get(), value.indices.get(), value.shape)
-    return value if array_module(value) is np else value.get()
 
 
 class LocalStore(InProcessUpdates, StoreBackend):
@@ -76,11 +67,6 @@ class LocalStore(InProcessUpdates, StoreBackend):
         for k, os_ in zip(keys, outs):
             self._values.pull_on_host(k, os_)
         return COMPLETED
-
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
-        # every reduction finishes before any output is written: outs may alias the inputs
-        self.push(keys, values, priority)
-        return self.pull(keys, outs, priority)
 
     def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
         for k, os_, ids in zip(keys, outs, row_ids):
