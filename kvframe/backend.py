@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Any
+from typing import Any, TypeAlias, Union
 
 import numpy as np
 
+from kvframe.arrays import Array
 from kvframe.errors import DTypeMismatchError, KVTimeoutError, NotSupportedError
+
+#: A key, as the front gives it to a store: an int or a str (never both in one store).
+Key: TypeAlias = Union[int, str]
+#: The keys of one call, in order (a key may repeat in a push: its values are summed).
+Keys: TypeAlias = list[Key]
+#: One entry per key, each a list of arrays (one per device): values pushed, or outputs to fill.
+PerKey: TypeAlias = list[list[Array]]
 
 
 def _env_timeout(name: str = "KVFRAME_TIMEOUT", default: float = 120.0) -> float:
@@ -97,31 +105,31 @@ class StoreBackend:
         return 1
 
     # data -----------------------------------------------------------------------------------
-    def init(self, keys: list, values: list) -> None:
+    def init(self, keys: Keys, values: list[Array]) -> None:
         """Store a copy of ``values[i]`` (one array) under ``keys[i]``."""
         raise NotImplementedError
 
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         raise NotImplementedError
 
-    def push_donated(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push_donated(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         """``push`` of arrays the caller hands over (``KVStore.push(..., donate=True)``): a store may
         keep them instead of copying.  The default copies, as ``push`` does."""
         self.push(keys, values, priority)
 
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+    def pull(self, keys: Keys, outs: PerKey, priority: int = 0, ignore_sparse: bool = True) -> Handle:
         raise NotImplementedError
 
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def pushpull(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         # every key's reduction finishes before any output is written: outs may alias the inputs
         self.push(keys, values, priority)
         return self.pull(keys, outs, priority)
 
-    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def broadcast(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         self.init(keys, [v[0] for v in values])
         return self.pull(keys, outs, priority)
 
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+    def row_sparse_pull(self, keys: Keys, outs: PerKey, row_ids: PerKey, priority: int = 0) -> Handle:
         raise NotSupportedError(f"store {type(self).__name__} does not support row_sparse_pull")
 
     # updates --------------------------------------------------------------------------------
@@ -186,4 +194,4 @@ def check_summable(key: Any, dtype: Any, what: str = "value") -> None:
 
 
 __all__ = ["StoreBackend", "Handle", "CompletedHandle", "COMPLETED", "FutureHandle", "InProcessUpdates",
-           "check_summable", "DEFAULT_TIMEOUT"]
+           "check_summable", "DEFAULT_TIMEOUT", "Key", "Keys", "PerKey"]

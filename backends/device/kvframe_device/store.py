@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from kvframe import parallel, timeline
-from kvframe.arrays import RowSparseArray, array_module, to_host
-from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
+from kvframe.arrays import Array, RowSparseArray, array_module, to_host
+from kvframe.backend import COMPLETED, Handle, InProcessUpdates, Keys, PerKey, StoreBackend
 from kvframe.errors import DTypeMismatchError
 from kvframe.keyvalues import InProcessStoreConfig, KeyValues, group_by_key
 from kvframe.reduce import Reducer
@@ -83,7 +83,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
         self._values.updater = updater
 
     # placement --------------------------------------------------------------------------------
-    def init(self, keys: list, values: list) -> None:
+    def init(self, keys: Keys, values: list[Array]) -> None:
         for k, v in zip(keys, values):
             arr = v.todense() if isinstance(v, RowSparseArray) else v
             dev = device_id(arr)
@@ -118,7 +118,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
         return dict(self._loads)
 
     # push -----------------------------------------------------------------------------------------
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         grouped = {keys[0]: values[0]} if len(keys) == 1 else group_by_key(keys, values)
         if self._compressor is not None:  # refuse bad input before anything changes
             for k, vals in grouped.items():
@@ -292,7 +292,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
             parallel.run_ranges(work, n, self._values.reducer.threads, block)
 
     # pull -----------------------------------------------------------------------------------------
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+    def pull(self, keys: Keys, outs: PerKey, priority: int = 0, ignore_sparse: bool = True) -> Handle:
         for k, os_ in zip(keys, outs):
             held = self._values[k]
             if device_id(held) is None and all(type(o) is np.ndarray or isinstance(o, RowSparseArray) for o in os_):
@@ -306,7 +306,7 @@ class DeviceStore(InProcessUpdates, StoreBackend):
                     copy_into(o, held)
         return COMPLETED
 
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+    def row_sparse_pull(self, keys: Keys, outs: PerKey, row_ids: PerKey, priority: int = 0) -> Handle:
         for k, os_, ids in zip(keys, outs, row_ids):
             self._values.row_sparse_pull(k, os_, ids)
         return COMPLETED

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from kvframe import timeline
-from kvframe.arrays import RowSparseArray, array_module
-from kvframe.backend import DEFAULT_TIMEOUT, Handle, StoreBackend
+from kvframe.arrays import Array, RowSparseArray, array_module
+from kvframe.backend import DEFAULT_TIMEOUT, Handle, Keys, PerKey, StoreBackend
 from kvframe.errors import KVTimeoutError, NotSupportedError, RemoteError, TransportError
 from kvframe.log import configure as configure_logging
 from kvframe.reduce import Reducer, sum_row_sparse
@@ -301,7 +301,7 @@ class DistStore(StoreBackend):
         return KeyInfo(kid, key, shape, dtype, plan(kid, shape, self.num_servers, self.bound))
 
     # data -----------------------------------------------------------------------------------
-    def init(self, keys: list, values: list) -> None:
+    def init(self, keys: Keys, values: list[Array]) -> None:
         self._check_failure()
         infos = [self._new_info(k, v) for k, v in zip(keys, values)]
         if self._rank == 0:
@@ -347,7 +347,7 @@ class DistStore(StoreBackend):
             buf = self._buffers[info.kid] = np.empty(info.shape, info.dtype)
         return self.reducer.sum_into(buf, [_as_host(v) for v in vals])
 
-    def _push_shards(self, keys: list, values: list[list]) -> dict[int, tuple[list, list]]:
+    def _push_shards(self, keys: Keys, values: PerKey) -> dict[int, tuple[list, list]]:
         """Per server: the ``(key, part, enc)`` shards of a push and their data frames."""
         if len(set(keys)) == len(keys):
             pairs: Any = zip(keys, values)
@@ -400,7 +400,7 @@ class DistStore(StoreBackend):
             fields["prio"] = int(priority)
         return fields
 
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         self._check_failure()
         self.requests.raise_late_errors()
         what = f"push of keys {_keys_text(keys)}"
@@ -413,7 +413,7 @@ class DistStore(StoreBackend):
         if len(self.requests.unconfirmed) > 4096:  # bound what may be in flight unconfirmed
             self._flush("confirming pushes")
 
-    def _outs_plan(self, keys: list, outs: list[list]) -> tuple[list, list]:
+    def _outs_plan(self, keys: Keys, outs: PerKey) -> tuple[list, list]:
         """Per key: the flat host views replies are written into, and copies to make afterwards
         (outputs that are not C-contiguous numpy arrays get a staging buffer)."""
         views_per_key, after = [], []
@@ -466,7 +466,7 @@ class DistStore(StoreBackend):
                     np.copyto(v[sh.lo:sh.hi], value)
         return on_data
 
-    def _pull_requests(self, op: str, keys: list, outs: list[list], pushed: dict | None, what: str,
+    def _pull_requests(self, op: str, keys: Keys, outs: PerKey, pushed: dict | None, what: str,
                        priority: int) -> tuple[list[Request], list]:
         views_per_key, after = self._outs_plan(keys, outs)
         targets: dict[int, list] = {}
@@ -497,7 +497,7 @@ class DistStore(StoreBackend):
             reqs.append(self._request(s, op, fields, frames, what, self._placer(t)))
         return reqs, after
 
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+    def pull(self, keys: Keys, outs: PerKey, priority: int = 0, ignore_sparse: bool = True) -> Handle:
         self._check_failure()
         what = f"pull of keys {_keys_text(keys)}"
         if log.isEnabledFor(logging.DEBUG):
@@ -505,7 +505,7 @@ class DistStore(StoreBackend):
         reqs, after = self._pull_requests("pull", keys, outs, None, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def pushpull(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         self._check_failure()
         self.requests.raise_late_errors()
         if len(set(keys)) != len(keys):  # repeated keys: sum first, then one pull per key
@@ -518,11 +518,11 @@ class DistStore(StoreBackend):
         reqs, after = self._pull_requests("pushpull", keys, outs, pushed, what, priority)
         return DistHandle(self, reqs, what, (lambda: self._copy_after(after)) if after else None)
 
-    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def broadcast(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         self.init(keys, [v[0] for v in values])
         return self.pull(keys, outs, priority)
 
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+    def row_sparse_pull(self, keys: Keys, outs: PerKey, row_ids: PerKey, priority: int = 0) -> Handle:
         """One request per server for every (output, shard) pair; in sync mode each is answered
         after this worker's open rounds of those shards, like a dense pull."""
         self._check_failure()

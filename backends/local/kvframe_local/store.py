@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kvframe.arrays import RowSparseArray, to_host
-from kvframe.backend import COMPLETED, Handle, InProcessUpdates, StoreBackend
+from kvframe.arrays import Array, RowSparseArray, to_host
+from kvframe.backend import COMPLETED, Handle, InProcessUpdates, Keys, PerKey, StoreBackend
 from kvframe.errors import NotSupportedError
 from kvframe.keyvalues import InProcessStoreConfig, KeyValues, group_by_key
 from kvframe.reduce import Reducer
@@ -28,12 +28,12 @@ class LocalStore(InProcessUpdates, StoreBackend):
         super().set_updater(updater)
         self._values.updater = updater
 
-    def init(self, keys: list, values: list) -> None:
+    def init(self, keys: Keys, values: list[Array]) -> None:
         for k, v in zip(keys, values):
             arr = to_host(v.todense() if isinstance(v, RowSparseArray) else v)
             self._values[k] = np.array(arr, copy=True, order="C")
 
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         if len(keys) == 1 and len(values[0]) == 1 and type(values[0][0]) is np.ndarray:  # the common case, lean
             self._values.push_on_host(keys[0], values[0])
             return
@@ -45,7 +45,7 @@ class LocalStore(InProcessUpdates, StoreBackend):
         else:
             self._push_all(grouped)
 
-    def push_donated(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push_donated(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         # one array for a key, no updater: it becomes the key's value (no copy); anything else is a push
         if len(set(keys)) == len(keys) and all(len(vals) == 1 for vals in values) and self._values.updater is None:
             rest = [(k, vals) for k, vals in zip(keys, values) if not self._values.adopt(k, vals[0])]
@@ -63,12 +63,12 @@ class LocalStore(InProcessUpdates, StoreBackend):
         stays row-sparse; anything else is merged into a dense array beside the held one."""
         return vals[0] if all(isinstance(v, RowSparseArray) for v in vals) else self._values[key]
 
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+    def pull(self, keys: Keys, outs: PerKey, priority: int = 0, ignore_sparse: bool = True) -> Handle:
         for k, os_ in zip(keys, outs):
             self._values.pull_on_host(k, os_)
         return COMPLETED
 
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+    def row_sparse_pull(self, keys: Keys, outs: PerKey, row_ids: PerKey, priority: int = 0) -> Handle:
         for k, os_, ids in zip(keys, outs, row_ids):
             self._values.row_sparse_pull(k, os_, ids)
         return COMPLETED

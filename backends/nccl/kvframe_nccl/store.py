@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kvframe.arrays import RowSparseArray
-from kvframe.backend import DEFAULT_TIMEOUT, Handle, InProcessUpdates, StoreBackend
+from kvframe.arrays import Array, RowSparseArray
+from kvframe.backend import DEFAULT_TIMEOUT, Handle, InProcessUpdates, Keys, PerKey, StoreBackend
 from kvframe.errors import ConfigError, KeyNotInitializedError, KVTimeoutError, NotSupportedError
 from kvframe.jobenv import job_secret
 from kvframe_nccl import buckets, cuda
@@ -242,7 +242,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
                              "(pass devices=[...] to kvframe.create('nccl', ...))")
         return j
 
-    def _per_device(self, keys: list, values: list[list], what: str) -> tuple[list, list[dict[int, list]]]:
+    def _per_device(self, keys: Keys, values: PerKey, what: str) -> tuple[list, list[dict[int, list]]]:
         """Group repeated keys (their values are summed) and sort each key's arrays by device index."""
         self._check_open()
         order: list = []
@@ -352,7 +352,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
                     self._no_value.discard(m.key)
 
     # data ------------------------------------------------------------------------------------
-    def init(self, keys: list, values: list) -> None:
+    def init(self, keys: Keys, values: list[Array]) -> None:
         self._check_open()
         cp = self._cp
         for k, v in zip(keys, values):  # check everything before storing anything
@@ -363,7 +363,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
                 cuda.nccl_dtype(v.dtype, self._nccl)
             except TypeError as exc:
                 raise TypeError(f"key {k!r}: {exc}") from None
-        new = {}
+        new: dict[Hashable, Any] = {}
         with cp.cuda.Device(self._devices[ROOT]):
             for k, v in zip(keys, values):
                 if isinstance(v, cp.ndarray):
@@ -397,7 +397,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
                     buckets.unpack(flat, u, [self._data[m.key] for m in u.members])
         self._record(streams, f"init of keys {keys!r}").wait()
 
-    def push(self, keys: list, values: list[list], priority: int = 0) -> None:
+    def push(self, keys: Keys, values: PerKey, priority: int = 0) -> None:
         order, contribs = self._per_device(keys, values, "pushed value")
         self._reduce_and_store(order, contribs)
 
@@ -420,7 +420,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
         self._store_results(units, [r[ROOT] for r in recvs])
         return units
 
-    def pull(self, keys: list, outs: list[list], priority: int = 0, ignore_sparse: bool = True) -> Handle:
+    def pull(self, keys: Keys, outs: PerKey, priority: int = 0, ignore_sparse: bool = True) -> Handle:
         self._check_open()
         placed = []
         for k, os_ in zip(keys, outs):
@@ -434,7 +434,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
             placed.append(per)
         return self._broadcast_to(keys, placed, f"pull of keys {keys!r}")
 
-    def _broadcast_to(self, keys: list, placed: list[dict[int, list]], what: str) -> Handle:
+    def _broadcast_to(self, keys: Keys, placed: list[dict[int, list]], what: str) -> Handle:
         """Write each key's stored value into its outputs on every GPU."""
         cp = self._cp
         streams = [self._stream(j) for j in range(len(self._devices))]
@@ -489,7 +489,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
                                 _copy(o, view)
         return self._record(streams, what)
 
-    def pushpull(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def pushpull(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         if self._updater is not None or (self.config.algorithm == "reduce_broadcast" and not self.multi):
             order, contribs = self._per_device(keys, values, "pushed value")
             placed = []
@@ -502,7 +502,7 @@ class NcclStore(InProcessUpdates, StoreBackend):
             return self._broadcast_to(keys, placed, f"pushpull of keys {keys!r}")
         return self._allreduce(keys, values, outs)
 
-    def _allreduce(self, keys: list, values: list[list], outs: list[list]) -> Handle:
+    def _allreduce(self, keys: Keys, values: PerKey, outs: PerKey) -> Handle:
         """pushpull without an updater: one all-reduce, straight into the outputs where that is safe."""
         cp = self._cp
         order, contribs = self._per_device(keys, values, "pushed value")
@@ -552,11 +552,11 @@ class NcclStore(InProcessUpdates, StoreBackend):
                                 self._no_value.add(m.key)
         return self._record(streams, f"pushpull of keys {keys!r}")
 
-    def broadcast(self, keys: list, values: list[list], outs: list[list], priority: int = 0) -> Handle:
+    def broadcast(self, keys: Keys, values: PerKey, outs: PerKey, priority: int = 0) -> Handle:
         self.init(keys, [v[0] for v in values])
         return self.pull(keys, outs, priority)
 
-    def row_sparse_pull(self, keys: list, outs: list[list], row_ids: list[list], priority: int = 0) -> Handle:
+    def row_sparse_pull(self, keys: Keys, outs: PerKey, row_ids: PerKey, priority: int = 0) -> Handle:
         raise NotSupportedError("store 'nccl' does not support row_sparse_pull (no sparse arrays, as in MXNet); use "
                                 "store 'local' or 'device'")
 
