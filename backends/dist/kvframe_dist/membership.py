@@ -80,8 +80,9 @@ def silent_scheduler(env: NodeEnv, role: str, rank: int, silent_for: float, mine
 
 
 class Heartbeat(threading.Thread):
-    """A worker's heartbeat thread, on an endpoint of its own. It records the first failure it
-    learns of (a node declared stopped, or a silent scheduler) in ``failure``."""
+    """A node's heartbeat thread (a worker's or a server's), on an endpoint of its own, so that the
+    node's own sends, blocked however long, never silence it at the scheduler. It records the first
+    failure it learns of (a node declared stopped, or a silent scheduler) in ``failure``."""
 
     def __init__(self, env: NodeEnv, role: str, rank: int, on_failure: Callable[[], None] | None = None):
         super().__init__(name=f"kvframe-heartbeat-{role}{rank}", daemon=True)

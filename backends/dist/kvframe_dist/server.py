@@ -30,7 +30,7 @@ from kvframe.reduce import Reducer
 from kvframe_dist.address import advertise_host
 from kvframe_dist.endpoint import Endpoint, role_transport
 from kvframe_dist.env import NodeEnv, run_role
-from kvframe_dist.membership import own_address, register, silent_scheduler
+from kvframe_dist.membership import Heartbeat, register
 from kvframe_dist.rounds import RoundTable, Slot
 from kvframe_dist.sharding import wire_dtype
 from kvframe_dist.wire import Message
@@ -86,7 +86,6 @@ class Server:
         host = env.node_host or advertise_host(env.root_uri, env.root_port, env.interface)
         self.addr = self.ep.listen(host, env.port)
         self.sched = self.ep.connect_to(env.root_uri, env.root_port)
-        self.mine = own_address(env)
         self.rank = -1
         self.slots: dict[tuple[int, int], Slot] = {}
         self.rounds = RoundTable(env.num_workers, self._apply)
@@ -430,16 +429,12 @@ class Server:
         log.info("server %d serving at %s (transport %s)", self.rank, self.addr, self.env.transport)
         log.debug("server %d: registered; %d workers", self.rank, self.rounds.num_workers)
         env = self.env
-        next_beat = 0.0
-        last_sched = time.monotonic()
+        # heartbeats on a thread and a connection of their own: a reply blocked on a dead worker's
+        # link (up to the send timeout) must not silence this server at the scheduler
+        hb = Heartbeat(env, "server", self.rank, on_failure=self._heartbeat_failed)
+        hb.start()
         try:
             while self.exit_code is None:
-                now = time.monotonic()
-                if now >= next_beat:
-                    if not self.ep.try_send(self.sched, Message("hb", {"role": "server", "rank": self.rank})):
-                        why = self.ep.broken(self.sched) or "its connection broke"
-                        log.debug("server %d: heartbeat not sent: %s", self.rank, why)
-                    next_beat = now + env.heartbeat_interval
                 batch = early or []
                 early = []
                 got = self.ep.recv(min(0.1, env.heartbeat_interval)) if not batch else None
@@ -451,7 +446,6 @@ class Server:
                 work = []
                 for peer, msg in batch:
                     if peer == self.sched:
-                        last_sched = time.monotonic()
                         self._from_scheduler(msg)
                     else:
                         work.append((peer, msg))
@@ -463,11 +457,10 @@ class Server:
                 else:
                     for peer, msg in by_priority(work):
                         self.handle(peer, msg)
-                silent = time.monotonic() - last_sched
-                if silent > env.heartbeat_timeout and self.exit_code is None:
-                    log.error("server %d: %s", self.rank, silent_scheduler(env, "server", self.rank, silent, self.mine))
+                if hb.failure is not None and self.exit_code is None:  # logged by the heartbeat thread
                     self.exit_code = 1
         finally:
+            hb.stop()
             log.debug("server %d: shutting down (exit status %s)", self.rank, self.exit_code)
             try:
                 if self.exit_code == 0:
@@ -478,6 +471,13 @@ class Server:
                 self.reducer.close()
                 timeline.flush()
         return self.exit_code
+
+    def _heartbeat_failed(self) -> None:
+        """The heartbeat thread learnt of a failure (a node declared stopped, a silent scheduler):
+        stop, and close the endpoint so that a send blocked on a dead link ends now."""
+        if self.exit_code is None:
+            self.exit_code = 1
+        self.ep.close()
 
     def _from_scheduler(self, msg: Message) -> None:
         if msg.op == "stop":
