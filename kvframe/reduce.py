@@ -66,23 +66,7 @@ class Reducer:
             for v in values[2:]:
                 xp.add(out, v, out=out)
             return out
-        flat_out = out.reshape(-1)
-        flats = [v.reshape(-1) for v in values]
-        compiled = _compiled_sum(flat_out, flats, False)
-        if compiled is not None:
-            self._parallel(compiled, flat_out.size)
-            return out
-
-        def work(lo: int, hi: int) -> None:
-            for s in range(lo, hi, BLOCK):
-                e = min(s + BLOCK, hi)
-                o = flat_out[s:e]
-                np.add(flats[0][s:e], flats[1][s:e], out=o)
-                for f in flats[2:]:
-                    np.add(o, f[s:e], out=o)
-
-        self._parallel(work, flat_out.size)
-        return out
+        return self._sum(out, values, accumulate=False)
 
     def add_into(self, out: Any, values: Sequence[Any]) -> Any:
         """out += sum(values)."""
@@ -90,19 +74,25 @@ class Reducer:
             for v in values:
                 out += v
             return out
+        return self._sum(out, values, accumulate=True)
+
+    def _sum(self, out: np.ndarray, values: Sequence[np.ndarray], accumulate: bool) -> np.ndarray:
+        """Sum C-contiguous numpy ``values`` into (``accumulate``: onto) ``out``: compiled where it
+        can, else numpy adds block by block, the partial sums staying in cache."""
         flat_out = out.reshape(-1)
         flats = [v.reshape(-1) for v in values]
-        compiled = _compiled_sum(flat_out, flats, True)
-        if compiled is not None:
-            self._parallel(compiled, flat_out.size)
-            return out
-
-        def work(lo: int, hi: int) -> None:
-            for s in range(lo, hi, BLOCK):
-                e = min(s + BLOCK, hi)
-                o = flat_out[s:e]
-                for f in flats:
-                    np.add(o, f[s:e], out=o)
+        work = _compiled_sum(flat_out, flats, accumulate)
+        if work is None:
+            def work(lo: int, hi: int) -> None:
+                for s in range(lo, hi, BLOCK):
+                    e = min(s + BLOCK, hi)
+                    o = flat_out[s:e]
+                    rest = flats
+                    if not accumulate:  # the first two make the block's value
+                        np.add(flats[0][s:e], flats[1][s:e], out=o)
+                        rest = flats[2:]
+                    for f in rest:
+                        np.add(o, f[s:e], out=o)
 
         self._parallel(work, flat_out.size)
         return out

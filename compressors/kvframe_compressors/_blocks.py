@@ -27,11 +27,6 @@ def n_threads() -> int:
     return parallel.default_threads()
 
 
-def split(n: int, parts: int, unit: int = BLOCK) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges covering [0, n), each starting on a multiple of ``unit``."""
-    return parallel.split(n, parts, unit)
-
-
 def run_ranges(fn: Callable[[int, int], None], n: int) -> None:
     """Call ``fn(lo, hi)`` over block-aligned ranges of [0, n), in parallel for large ``n``."""
     if n < PARALLEL_MIN:
