@@ -35,6 +35,20 @@ def run_ranges(fn: Callable[[int, int], None], n: int) -> None:
         parallel.run_ranges(fn, n, n_threads(), BLOCK)
 
 
+def decode_through(out: np.ndarray, accumulate: bool, work: Callable[[np.ndarray, int, int], None]) -> np.ndarray:
+    """Run a decoder over ``out``: ``work(flat, lo, hi)`` writes (adds, with ``accumulate``)
+    elements [lo, hi) of a flat, writeable, C-contiguous array.  That array is ``out`` itself where
+    it can be, else a temporary (holding ``out``'s values when accumulating) copied back after."""
+    target = out if out.flags.c_contiguous and out.flags.writeable else np.empty(out.shape, out.dtype)
+    if accumulate and target is not out:
+        target[...] = out
+    flat = target.reshape(-1)
+    run_ranges(lambda lo, hi: work(flat, lo, hi), flat.size)
+    if target is not out:
+        out[...] = target
+    return out
+
+
 class Block:
     """Fixed temporaries for one cache block (one set per thread)."""
 

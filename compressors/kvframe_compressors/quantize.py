@@ -27,7 +27,7 @@ import numpy as np
 from kvframe.arrays import array_module
 from kvframe.errors import ShapeMismatchError
 from kvframe_compressors import _blocks, _kernels
-from kvframe_compressors._blocks import BLOCK, flat_inplace, flat_input, run_ranges, scratch
+from kvframe_compressors._blocks import BLOCK, decode_through, flat_inplace, flat_input, run_ranges, scratch
 from kvframe_compressors.base import BaseCompressor
 
 _GATHER_CODES = np.uint32(1 | 1 << 10 | 1 << 20 | 1 << 30)
@@ -264,27 +264,19 @@ class TwoBit(BaseCompressor):
 
     def _decode_codes(self, p: np.ndarray, out: np.ndarray, accumulate: bool, t: np.float32,
                       lut: np.ndarray | None = None) -> np.ndarray:
-        target = out if out.flags.c_contiguous and out.flags.writeable else np.empty(out.shape, out.dtype)
-        o = target.reshape(-1)
-        n = o.size
         k = _kernels.numba_kernels()
         if k is not None:
             pc, acc = np.ascontiguousarray(p), bool(accumulate)
 
-            def work(lo: int, hi: int) -> None:
+            def work(o: np.ndarray, lo: int, hi: int) -> None:
                 k.decode_2bit(pc[lo >> 2:(hi + 3) >> 2], o[lo:hi], t, acc)
         else:
-            work = self._decode_blocks(p, o, accumulate, _lut_2bit(t) if lut is None else lut)
+            table = _lut_2bit(t) if lut is None else lut
 
-        if accumulate and target is not out:
-            target[...] = out
-        if n <= BLOCK:
-            work(0, n)
-        else:
-            run_ranges(work, n)
-        if target is not out:
-            out[...] = target
-        return out
+            def work(o: np.ndarray, lo: int, hi: int) -> None:
+                self._decode_blocks(p, o, accumulate, table)(lo, hi)
+
+        return decode_through(out, accumulate, work)
 
     @staticmethod
     def _decode_blocks(p: np.ndarray, o: np.ndarray, accumulate: bool, lut: np.ndarray):
@@ -456,16 +448,13 @@ class OneBit(BaseCompressor):
             from kvframe_compressors import _cuda
 
             return _cuda.decode_1bit(p, out, accumulate)
-        target = out if out.flags.c_contiguous and out.flags.writeable else np.empty(out.shape, out.dtype)
-        o = target.reshape(-1)
-        n = o.size
         lut = self._lut
         k = _kernels.numba_kernels()
         if k is not None:
             p = np.ascontiguousarray(p)
             accumulate = bool(accumulate)
 
-        def work(lo: int, hi: int) -> None:
+        def work(o: np.ndarray, lo: int, hi: int) -> None:
             if k is not None:
                 k.decode_1bit(p[lo >> 3:(hi + 7) >> 3], o[lo:hi], accumulate)
                 return
@@ -484,15 +473,7 @@ class OneBit(BaseCompressor):
                 else:
                     dst[:] = flat
 
-        if accumulate and target is not out:
-            target[...] = out
-        if n <= BLOCK:
-            work(0, n)
-        else:
-            run_ranges(work, n)
-        if target is not out:
-            out[...] = target
-        return out
+        return decode_through(out, accumulate, work)
 
     def encode_decode_into(self, grad: Any, residual: Any, out: Any, accumulate: bool = False) -> Any:
         """``out (+)= decode(encode(grad, residual))``, the residual updated: bit-identical to
