@@ -207,14 +207,7 @@ def _launch_local(args: list[str], env: dict | None = None) -> Run:
                  "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **(env or {})})
     p = subprocess.Popen([PY, "-m", "kvframe_launch", *args], env=full, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, cwd=str(HERE))
-    run = Run(p, token)
-
-    def read():
-        for line in p.stdout:
-            run.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, daemon=True).start()
-    return run
+    return Run.follow(p, token)
 
 
 HOLDER = [PY, str(HERE / "launch_holder.py")]
@@ -625,6 +618,18 @@ class Run:
     token: str
     lines: list = field(default_factory=list)
 
+    @classmethod
+    def follow(cls, popen: subprocess.Popen, token: str) -> Run:
+        """A Run of ``popen`` whose output lines are collected as they come, on a thread."""
+        run = cls(popen, token)
+
+        def read():
+            for line in popen.stdout:
+                run.lines.append(line.rstrip("\n"))
+
+        threading.Thread(target=read, daemon=True).start()
+        return run
+
     @property
     def out(self) -> str:
         return "\n".join(self.lines)
@@ -659,14 +664,7 @@ def _start(cluster: Cluster, args: list[str], env: dict | None = None) -> Run:
     opts = [f"--ssh-option={o}" for o in cluster.ssh_options]
     p = cluster.hosts.popen(0, [PY, "-m", "kvframe_launch", *opts, *extra, *args], env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=str(HERE))
-    run = Run(p, token)
-
-    def read():
-        for line in p.stdout:
-            run.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, daemon=True).start()
-    return run
+    return Run.follow(p, token)
 
 
 def _abort(run: Run) -> None:
