@@ -170,6 +170,17 @@ class _PeakRss:
         return self.peak - self.base
 
 
+def can_listen_on(host: str) -> bool:
+    """Whether this machine can bind a TCP socket on ``host`` (an IPv6 loopback may be missing)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
 class TransportConformance:
     """The Transport contract. Subclass and set ``transport_name`` or define ``make_transport``."""
 
@@ -184,6 +195,11 @@ class TransportConformance:
     queue_limit: bool | None = None
 
     # fixtures ----------------------------------------------------------------------------------
+    @pytest.fixture(autouse=True)
+    def _listen_host_here(self) -> None:
+        if not can_listen_on(self.listen_host):
+            pytest.skip(f"this machine cannot listen on {self.listen_host} (listen_host)")
+
     @pytest.fixture
     def make_transport(self) -> Callable[..., Any]:
         """``(**config_overrides) -> Transport``; override it, or set ``transport_name``."""
