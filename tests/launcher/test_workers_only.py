@@ -21,20 +21,11 @@ from kvframe_launch import launch
 PY = sys.executable
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "dist"))
+from dist_helpers import _leftovers  # noqa: E402 - found through the line above
+
 WORKER = str(HERE / "workers_only_worker.py")  # prints RESULT {...}: its variables, what nccl reads, a rendezvous
 HAS_NCCL = importlib.util.find_spec("kvframe_nccl") is not None
-
-
-def _leftovers(token: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if token.encode() in (d / "environ").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 def _run(args: list[str], env: dict | None = None, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
