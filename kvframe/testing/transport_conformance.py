@@ -181,6 +181,16 @@ def can_listen_on(host: str) -> bool:
         return False
 
 
+def send_over(sender: Any, peer: Hashable, limit: int, split: bool) -> None:
+    """Send a message of ``limit + 1`` bytes, in one frame or split across two; a sender that
+    refuses it itself is fine too."""
+    big = [payload(limit // 2 + 1, 7), payload(limit // 2, 8)] if split else [payload(limit + 1, 7)]
+    try:
+        sender.send(peer, big)
+    except TransportError:
+        pass
+
+
 class TransportConformance:
     """The Transport contract. Subclass and set ``transport_name`` or define ``make_transport``."""
 
@@ -391,11 +401,7 @@ class TransportConformance:
         addr = server.listen(self.listen_host, 0)
         bad = endpoint()  # its own limit is the default: only the receiver's limit is tested
         to_server = bad.connect(addr)
-        big = [payload(limit // 2 + 1, 7), payload(limit // 2, 8)] if split else [payload(limit + 1, 7)]
-        try:
-            bad.send(to_server, big)
-        except TransportError:
-            pass  # refusing at the sender is fine too
+        send_over(bad, to_server, limit, split)
         # the receiver still serves a well-behaved client, and never hands out the oversize message
         good = endpoint(max_message_bytes=limit)
         to_good_server = good.connect(addr)
@@ -504,11 +510,7 @@ class TransportConformance:
         addr = server.listen(self.listen_host, 0)
         bad = endpoint()
         to_server = bad.connect(addr)
-        big = [payload(limit // 2 + 1, 7), payload(limit // 2, 8)] if split else [payload(limit + 1, 7)]
-        try:
-            bad.send(to_server, big)
-        except TransportError:
-            pass  # refusing at the sender is fine too
+        send_over(bad, to_server, limit, split)
         self.assert_cut(bad, to_server)
         # a first message at the limit passes, and later ones may be larger (up to max_message_bytes)
         good = endpoint()
